@@ -1,0 +1,42 @@
+# `make run` and `make test` do all set-up on a fresh machine (Python 3.11+, Node 20 + npm).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test check lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Runtime install for `make run`; the test extra on top for `make test`.
+$(VENV)/.run-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@ $(VENV)/.run-installed
+
+# The npm test upstream (@modelcontextprotocol/server-everything), pinned by its lockfile.
+tests/node/node_modules/.installed: tests/node/package-lock.json
+	npm ci --prefix tests/node --no-audit --no-fund
+	touch $@
+
+run: $(VENV)/.run-installed
+	$(BIN)/approvals serve --config config/gateway.toml
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check approvals tests bench
+	$(BIN)/ruff format --check approvals tests bench
+	$(BIN)/mypy
+
+test: $(VENV)/.test-installed tests/node/node_modules/.installed lint
+	$(BIN)/python -m pytest -q
+
+check: $(VENV)/.run-installed
+	$(BIN)/approvals check --config config/gateway.toml
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

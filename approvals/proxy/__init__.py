@@ -1,0 +1,1 @@
+"""The MCP side of the gateway: Streamable HTTP handlers, client sessions, upstream connections."""

@@ -1,0 +1,278 @@
+"""MCP Streamable HTTP on aiohttp: `POST|GET|DELETE /mcp/{upstream}`.
+
+This is the one place where gateway errors become HTTP statuses and JSON-RPC errors. A request is
+answered with plain JSON when its answer is the first thing the upstream sends back, and switches
+to an SSE stream as soon as anything else (progress, logging, a sampling request) comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from approvals.auth import bearer_token
+from approvals.config import Principal
+from approvals.jsonrpc import (
+    HANDSHAKE_VERSIONS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    UPSTREAM_UNAVAILABLE,
+    EnvelopeError,
+    JsonObject,
+    Message,
+    encode,
+    error_response,
+    parse_message,
+    result_response,
+)
+from approvals.proxy.gate import ToolCall
+from approvals.proxy.gateway import Gateway
+from approvals.proxy.session import Exchange, Session
+from approvals.proxy.sse import encode_comment, encode_event
+from approvals.web.keys import GATEWAY, GRANTS
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_SECONDS = 15.0
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform"}
+Transform = Callable[[JsonObject], JsonObject]
+
+
+def rpc_error(
+    status: int, code: int, message: str, request_id: object = None, **headers: str
+) -> web.Response:
+    """A JSON-RPC error as an HTTP response."""
+    body = error_response(request_id if isinstance(request_id, str | int) else None, code, message)
+    return web.Response(status=status, body=encode(body), content_type="application/json", headers=headers)
+
+
+def json_message(message: JsonObject, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=encode(message), content_type="application/json", headers=headers)
+
+
+def _authenticate(request: web.Request) -> Principal | web.Response:
+    grant = request.app[GRANTS].find(bearer_token(request.headers.get("Authorization")))
+    if grant is None:
+        challenge = 'Bearer realm="approvals", error="invalid_token"'
+        return rpc_error(
+            401,
+            INVALID_REQUEST,
+            "a valid grant token is required: Authorization: Bearer <token>",
+            **{"WWW-Authenticate": challenge},
+        )
+    return grant
+
+
+def _session_for(request: web.Request, grant: Principal, upstream: str) -> Session | web.Response:
+    session_id = request.headers.get("Mcp-Session-Id")
+    if not session_id:
+        return rpc_error(400, INVALID_REQUEST, "the Mcp-Session-Id header is required after initialize")
+    session = request.app[GATEWAY].find(session_id, grant.name, upstream)
+    if session is None:
+        # The same answer for a session that never existed and one of another grant: nothing leaks.
+        return rpc_error(404, INVALID_REQUEST, "unknown or expired session; initialize a new one")
+    version = request.headers.get("MCP-Protocol-Version")
+    if version is not None and version not in HANDSHAKE_VERSIONS:
+        return rpc_error(
+            400,
+            INVALID_REQUEST,
+            f"unsupported MCP-Protocol-Version {version!r}; supported: {', '.join(HANDSHAKE_VERSIONS)}",
+        )
+    return session
+
+
+async def _read(request: web.Request) -> Message | web.Response:
+    limit = request.app[GATEWAY].settings.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return rpc_error(413, INVALID_REQUEST, f"the request body is larger than {limit} bytes")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return rpc_error(413, INVALID_REQUEST, f"the request body is larger than {limit} bytes")
+    try:
+        return parse_message(body)
+    except EnvelopeError as exc:
+        return rpc_error(400, exc.code, str(exc), exc.request_id)
+
+
+async def handle_post(request: web.Request) -> web.StreamResponse:
+    """One client message: a request (answered as JSON or SSE), or a notification / response (202)."""
+    gateway = request.app[GATEWAY]
+    upstream = request.match_info["upstream"]
+    grant = _authenticate(request)
+    if isinstance(grant, web.Response):
+        return grant
+    if upstream not in gateway.settings.upstreams:
+        return rpc_error(404, METHOD_NOT_FOUND, f"no upstream named {upstream!r} on this gateway")
+    message = await _read(request)
+    if isinstance(message, web.Response):
+        return message
+    if message.method == "initialize":
+        return await _initialize(request, gateway, grant, upstream, message)
+    if message.method == "server/discover" and "Mcp-Session-Id" not in request.headers:
+        # The gateway speaks the session-based protocol versions; this error makes a 2026-07-28
+        # client fall back to `initialize`.
+        return rpc_error(
+            200,
+            METHOD_NOT_FOUND,
+            "server/discover is not supported by this gateway; use initialize",
+            message.id,
+        )
+    session = _session_for(request, grant, upstream)
+    if isinstance(session, web.Response):
+        return session
+    if message.kind != "request":
+        session.forward(message)
+        return web.Response(status=202)
+    return await _request(request, gateway, session, message)
+
+
+async def _initialize(
+    request: web.Request, gateway: Gateway, grant: Principal, upstream: str, message: Message
+) -> web.StreamResponse:
+    if message.kind != "request" or "Mcp-Session-Id" in request.headers:
+        return rpc_error(400, INVALID_REQUEST, "initialize must be a request sent without an Mcp-Session-Id")
+    try:
+        session = await gateway.open_session(grant.name, upstream)
+    except ConnectionError as exc:
+        return rpc_error(502, UPSTREAM_UNAVAILABLE, f"upstream {upstream} unavailable: {exc}", message.id)
+    exchange = session.forward_request(message)
+    response, answer = await _relay(request, session, exchange, headers={"Mcp-Session-Id": session.id})
+    result = answer.get("result") if answer else None
+    if isinstance(result, dict) and isinstance(result.get("protocolVersion"), str):
+        session.protocol_version = result["protocolVersion"]
+    else:
+        await gateway.end_session(session, "initialize failed")
+    return response
+
+
+async def _request(
+    request: web.Request, gateway: Gateway, session: Session, message: Message
+) -> web.StreamResponse:
+    transform: Transform | None = None
+    if message.method == "tools/call":
+        params = message.params
+        name, arguments = params.get("name"), params.get("arguments", {})
+        if isinstance(name, str) and isinstance(arguments, dict):
+            call = ToolCall(session.upstream_name, session.grant, session.id, name, arguments)
+            admission = await gateway.gate.admit(call)
+            if admission.answer is not None:
+                assert message.id is not None
+                return json_message(result_response(message.id, admission.answer))
+            on_result = admission.on_result
+        else:
+            on_result = None  # malformed: the upstream answers with its own -32602
+        exchange = session.forward_request(message)
+        response, answer = await _relay(request, session, exchange)
+        if on_result is not None:
+            on_result(answer or error_response(message.id, UPSTREAM_UNAVAILABLE, "no answer"))
+        return response
+    if message.method == "tools/list":
+        transform = _tool_filter(gateway, session.upstream_name)
+    exchange = session.forward_request(message)
+    response, _ = await _relay(request, session, exchange, transform=transform)
+    return response
+
+
+def _tool_filter(gateway: Gateway, upstream: str) -> Transform:
+    def keep_visible(answer: JsonObject) -> JsonObject:
+        result = answer.get("result")
+        if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+            return answer
+        tools = result["tools"]
+        visible = gateway.gate.visible_tools(upstream, tools)
+        if len(visible) == len(tools):
+            return answer
+        return {**answer, "result": {**result, "tools": visible}}
+
+    return keep_visible
+
+
+async def _relay(
+    request: web.Request,
+    session: Session,
+    exchange: Exchange,
+    *,
+    headers: dict[str, str] | None = None,
+    transform: Transform | None = None,
+) -> tuple[web.StreamResponse, JsonObject | None]:
+    """Answer the client with the exchange's messages: JSON if the answer comes first, else SSE."""
+    accepts_sse = "text/event-stream" in request.headers.get("Accept", "text/event-stream")
+    stream: web.StreamResponse | None = None
+    try:
+        while True:
+            message = await exchange.outbox.get()
+            if message is None:  # cancelled by the client or the session ended without an answer
+                return (stream or web.Response(status=202, headers=headers)), None
+            is_answer = "method" not in message
+            if is_answer and transform is not None:
+                message = transform(message)
+            if stream is None and is_answer:
+                return json_message(message, headers), message
+            if stream is None and not accepts_sse:
+                session.divert(message)  # this client takes JSON only: the GET stream carries the rest
+                continue
+            if stream is None:
+                stream = web.StreamResponse(headers={**SSE_HEADERS, **(headers or {})})
+                await stream.prepare(request)
+            await stream.write(encode_event(encode(message)))
+            if is_answer:
+                await stream.write_eof()
+                return stream, message
+    except (ConnectionResetError, asyncio.CancelledError):
+        log.debug("client left before the answer to %r", exchange.client_id)
+        raise
+    finally:
+        session.release(exchange)
+
+
+async def handle_get(request: web.Request) -> web.StreamResponse:
+    """The client's standalone SSE stream: server messages that belong to no request."""
+    grant = _authenticate(request)
+    if isinstance(grant, web.Response):
+        return grant
+    upstream = request.match_info["upstream"]
+    if "text/event-stream" not in request.headers.get("Accept", ""):
+        return rpc_error(406, INVALID_REQUEST, "GET needs Accept: text/event-stream")
+    session = _session_for(request, grant, upstream)
+    if isinstance(session, web.Response):
+        return session
+    outbox = session.open_stream()
+    stream = web.StreamResponse(headers=SSE_HEADERS)
+    await stream.prepare(request)
+    try:
+        while True:
+            try:
+                message = await asyncio.wait_for(outbox.get(), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                await stream.write(encode_comment("keepalive"))
+                continue
+            if message is None:
+                break
+            await stream.write(encode_event(encode(message)))
+    except ConnectionResetError:
+        pass
+    finally:
+        session.close_stream(outbox)
+    return stream
+
+
+async def handle_delete(request: web.Request) -> web.StreamResponse:
+    """End a session, and its upstream session with it."""
+    grant = _authenticate(request)
+    if isinstance(grant, web.Response):
+        return grant
+    session = _session_for(request, grant, request.match_info["upstream"])
+    if isinstance(session, web.Response):
+        return session
+    await request.app[GATEWAY].end_session(session)
+    return web.Response(status=200)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_route("POST", "/mcp/{upstream}", handle_post)
+    app.router.add_route("GET", "/mcp/{upstream}", handle_get)
+    app.router.add_route("DELETE", "/mcp/{upstream}", handle_delete)

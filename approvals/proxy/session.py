@@ -1,0 +1,218 @@
+"""A client's MCP session through the gateway, and the routing of every message in it.
+
+Each client session owns one upstream session. Client request ids are replaced by the gateway's
+own integers on the way up (so the gateway's own requests can share the connection) and restored
+on the way down. What the upstream sends is routed to the client stream it belongs to:
+
+- the answer to a request, and messages the upstream sent on that request's HTTP stream or that
+  carry the request's progress token, go to the stream of the POST that made the request;
+- everything else (logging, list_changed, sampling / elicitation / roots requests) goes to the
+  client's GET stream, or, while it has none, to its newest open request stream, or waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from approvals.config import UpstreamSettings
+from approvals.jsonrpc import (
+    UPSTREAM_UNAVAILABLE,
+    JsonObject,
+    Message,
+    RequestId,
+    error_response,
+)
+from approvals.proxy.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+MAX_WAITING_MESSAGES = 1000
+Outbox = asyncio.Queue[JsonObject | None]  # None: the stream is over
+
+
+class Exchange:
+    """One request in flight upstream: where its answer and related messages go."""
+
+    __slots__ = ("client_id", "done", "outbox", "progress_token", "upstream_id")
+
+    def __init__(self, upstream_id: int, client_id: RequestId | None, progress_token: object) -> None:
+        self.upstream_id = upstream_id
+        self.client_id = client_id  # None for the gateway's own requests
+        self.progress_token = progress_token
+        self.outbox: Outbox = asyncio.Queue()
+        self.done = False
+
+
+class Session:
+    """A client session: identity, its upstream connection and the messages in flight."""
+
+    def __init__(self, session_id: str, grant: str, upstream: UpstreamSettings) -> None:
+        self.id = session_id
+        self.grant = grant
+        self.upstream_name = upstream.name
+        self.protocol_version: str | None = None
+        self.initialized = False
+        self.closed_reason: str | None = None
+        self.last_seen = time.monotonic()
+        self.connection: Upstream | None = None
+        self._next_id = 0
+        self._exchanges: dict[int, Exchange] = {}
+        self._by_client_id: dict[RequestId, int] = {}
+        self._by_progress: dict[object, int] = {}
+        self._streams: list[Outbox] = []
+        self._waiting: collections.deque[JsonObject] = collections.deque(maxlen=MAX_WAITING_MESSAGES)
+        self.on_close: Callable[[Session], None] | None = None
+
+    # ---- client → upstream ---------------------------------------------------------------
+
+    def forward_request(self, message: Message, body: JsonObject | None = None) -> Exchange:
+        """Send a client request upstream under a fresh id; its answer arrives on the exchange's outbox."""
+        body = dict(message.body if body is None else body)
+        meta = body.get("params", {}).get("_meta") if isinstance(body.get("params"), dict) else None
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        exchange = self._open(message.id, token)
+        body["id"] = exchange.upstream_id
+        self._send(body, exchange)
+        return exchange
+
+    def request(self, method: str, params: JsonObject) -> Exchange:
+        """The gateway's own request to the upstream, in this session."""
+        exchange = self._open(None, None)
+        self._send(
+            {"jsonrpc": "2.0", "id": exchange.upstream_id, "method": method, "params": params}, exchange
+        )
+        return exchange
+
+    def forward(self, message: Message) -> None:
+        """Pass a client notification or response upstream, translating the ids they name."""
+        body = message.body
+        if message.method == "notifications/cancelled":
+            request_id = message.params.get("requestId")
+            upstream_id = self._by_client_id.get(request_id) if isinstance(request_id, str | int) else None
+            if upstream_id is None:
+                return  # the request is already answered or unknown: nothing to cancel
+            body = {**body, "params": {**message.params, "requestId": upstream_id}}
+            self._finish(upstream_id, None)
+        if self.connection is not None and self.closed_reason is None:
+            self.connection.send(body)
+
+    def _open(self, client_id: RequestId | None, token: object) -> Exchange:
+        self._next_id += 1
+        exchange = Exchange(self._next_id, client_id, token)
+        self._exchanges[exchange.upstream_id] = exchange
+        if client_id is not None:
+            self._by_client_id[client_id] = exchange.upstream_id
+        if token is not None:
+            self._by_progress[token] = exchange.upstream_id
+        return exchange
+
+    def _send(self, body: JsonObject, exchange: Exchange) -> None:
+        if self.connection is None or self.closed_reason is not None:
+            reason = self.closed_reason or "not connected"
+            self._answer(exchange, error_response(exchange.upstream_id, UPSTREAM_UNAVAILABLE, reason))
+            return
+        self.connection.send(body)
+
+    def release(self, exchange: Exchange) -> None:
+        """The client stopped waiting for this exchange (answered, cancelled or disconnected)."""
+        self._finish(exchange.upstream_id, None)
+
+    # ---- upstream → client ---------------------------------------------------------------
+
+    def on_upstream_message(self, message: JsonObject, related: int | None) -> None:
+        """Route one message from the upstream (the transports' sink)."""
+        if "method" not in message:
+            upstream_id = message.get("id")
+            exchange = self._exchanges.get(upstream_id) if isinstance(upstream_id, int) else None
+            if exchange is None:
+                log.debug("session %s: dropping an answer nobody waits for: id %r", self.id[:8], upstream_id)
+                return
+            self._answer(exchange, message)
+            return
+        if related is None and message.get("method") == "notifications/progress":
+            params = message.get("params")
+            token = params.get("progressToken") if isinstance(params, dict) else None
+            related = self._by_progress.get(token) if isinstance(token, str | int) else None
+        exchange = self._exchanges.get(related) if related is not None else None
+        if exchange is not None and exchange.client_id is not None:
+            exchange.outbox.put_nowait(message)
+        else:
+            self._to_client_stream(message)
+
+    def _answer(self, exchange: Exchange, message: JsonObject) -> None:
+        if exchange.client_id is not None:
+            message = {**message, "id": exchange.client_id}
+        exchange.outbox.put_nowait(message)
+        self._finish(exchange.upstream_id, None)
+
+    def _finish(self, upstream_id: int, _: Any) -> None:
+        exchange = self._exchanges.pop(upstream_id, None)
+        if exchange is None:
+            return
+        exchange.done = True
+        if exchange.client_id is not None and self._by_client_id.get(exchange.client_id) == upstream_id:
+            del self._by_client_id[exchange.client_id]
+        if exchange.progress_token is not None:
+            self._by_progress.pop(exchange.progress_token, None)
+        exchange.outbox.put_nowait(None)
+
+    def _to_client_stream(self, message: JsonObject) -> None:
+        if not self._streams:
+            for exchange in reversed(self._exchanges.values()):
+                if exchange.client_id is not None:
+                    exchange.outbox.put_nowait(message)
+                    return
+        self.divert(message)
+
+    def divert(self, message: JsonObject) -> None:
+        """Send a message to the GET stream, or keep it until one opens (bounded)."""
+        if self._streams:
+            self._streams[-1].put_nowait(message)
+            return
+        if len(self._waiting) == self._waiting.maxlen:
+            log.warning("session %s: no client stream open; dropping the oldest waiting message", self.id[:8])
+        self._waiting.append(message)
+
+    def open_stream(self) -> Outbox:
+        """A GET stream: gets every message that belongs to no request, starting with those waiting."""
+        outbox: Outbox = asyncio.Queue()
+        while self._waiting:
+            outbox.put_nowait(self._waiting.popleft())
+        self._streams.append(outbox)
+        return outbox
+
+    def close_stream(self, outbox: Outbox) -> None:
+        if outbox in self._streams:
+            self._streams.remove(outbox)
+
+    # ---- end -------------------------------------------------------------------------------
+
+    def on_upstream_closed(self, reason: str) -> None:
+        """The upstream is gone: every waiting request gets an error now, rather than hanging."""
+        self.closed_reason = f"upstream {self.upstream_name} is gone: {reason}"
+        for exchange in list(self._exchanges.values()):
+            self._answer(
+                exchange, error_response(exchange.upstream_id, UPSTREAM_UNAVAILABLE, self.closed_reason)
+            )
+        for outbox in self._streams:
+            outbox.put_nowait(None)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    async def close(self, reason: str = "session ended") -> None:
+        """End the session: answer what is in flight, end the streams, close the upstream."""
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        for exchange in list(self._exchanges.values()):
+            self._answer(
+                exchange, error_response(exchange.upstream_id, UPSTREAM_UNAVAILABLE, self.closed_reason)
+            )
+        for outbox in self._streams:
+            outbox.put_nowait(None)
+        if self.connection is not None:
+            await self.connection.close()
