@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from approvals.jsonrpc import JsonObject
+from approvals.store import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,15 +41,32 @@ FORWARD = Admission()
 
 
 class Gate(Protocol):
+    async def start(self, store: Store) -> None: ...
+
+    async def close(self) -> None: ...
+
     async def admit(self, call: ToolCall) -> Admission: ...
 
     def visible_tools(self, upstream: str, tools: list[JsonObject]) -> list[JsonObject]:
         """The tools a client may see in `tools/list` (hidden ones removed)."""
         ...
 
+    def health(self) -> dict[str, Any]:
+        """Problems to show on /healthz (empty when all is well)."""
+        ...
+
 
 class AllowAll:
     """Forwards every call and shows every tool."""
+
+    async def start(self, store: Store) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def health(self) -> dict[str, Any]:
+        return {}
 
     async def admit(self, call: ToolCall) -> Admission:
         return FORWARD

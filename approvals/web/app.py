@@ -8,15 +8,20 @@ from aiohttp import web
 
 from approvals.auth import TokenIndex
 from approvals.config import Settings
-from approvals.proxy.gate import AllowAll, Gate
+from approvals.gatekeeper import Gatekeeper
+from approvals.proxy.gate import Gate
 from approvals.proxy.gateway import Gateway
 from approvals.proxy.handlers import add_routes
-from approvals.web.keys import GATEWAY, GRANTS, SETTINGS
+from approvals.store.sqlite import SqliteStore
+from approvals.web.keys import GATEWAY, GRANTS, SETTINGS, STORE
 from approvals.web.origin import allowed_hostnames, origin_middleware
 
 
 def create_app(settings: Settings, gate: Gate | None = None) -> web.Application:
-    """Build the gateway application for `settings`."""
+    """Build the gateway application for `settings`; the gate defaults to its policies and limits.
+
+    Raises ConfigError when a policy file is invalid, before anything starts.
+    """
     app = web.Application(
         middlewares=[origin_middleware(allowed_hostnames(settings.server))],
         # aiohttp's own limit; the MCP handler checks first to answer with a JSON-RPC error.
@@ -24,23 +29,36 @@ def create_app(settings: Settings, gate: Gate | None = None) -> web.Application:
     )
     app[SETTINGS] = settings
     app[GRANTS] = TokenIndex(settings.grants)
-    app[GATEWAY] = Gateway(settings, gate or AllowAll())
-    app.cleanup_ctx.append(_gateway_lifetime)
+    app[GATEWAY] = Gateway(settings, gate if gate is not None else Gatekeeper(settings))
+    app.cleanup_ctx.append(_lifetime)
     add_routes(app)
     app.router.add_get("/healthz", healthz)
     return app
 
 
-async def _gateway_lifetime(app: web.Application) -> AsyncIterator[None]:
+async def _lifetime(app: web.Application) -> AsyncIterator[None]:
+    """Open the store, start the gate and the gateway; on shutdown, close them in reverse."""
     gateway = app[GATEWAY]
-    await gateway.start()
-    yield
-    await gateway.close()
+    store = await SqliteStore.open(app[SETTINGS].store.path)
+    app[STORE] = store
+    try:
+        await gateway.gate.start(store)
+        await gateway.start()
+        yield
+    finally:
+        await gateway.close()
+        await gateway.gate.close()
+        await store.close()
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness plus what an operator needs at a glance."""
+    """Liveness plus what an operator needs at a glance (policy reload errors make it "degraded")."""
     gateway = request.app[GATEWAY]
-    return web.json_response(
-        {"status": "ok", "sessions": len(gateway.sessions), "upstreams": sorted(gateway.settings.upstreams)}
-    )
+    problems = gateway.gate.health()
+    body = {
+        "status": "degraded" if problems else "ok",
+        "sessions": len(gateway.sessions),
+        "upstreams": sorted(gateway.settings.upstreams),
+        **problems,
+    }
+    return web.json_response(body)
