@@ -32,7 +32,9 @@ PROBE_COMMAND = [sys.executable, str(PROBE)]
 WAIT = 30.0  # the bound on every wait in the suite
 
 
-def settings_for(tmp_path: Path, upstreams: dict[str, dict[str, Any]], **extra: Any) -> Settings:
+def settings_for(
+    tmp_path: Path, upstreams: dict[str, dict[str, Any]], env: dict[str, str] | None = None, **extra: Any
+) -> Settings:
     """Settings as a gateway.toml in tmp_path would give them: two grants, two reviewers."""
     data: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, "public_url": "http://127.0.0.1:8080"},
@@ -49,7 +51,7 @@ def settings_for(tmp_path: Path, upstreams: dict[str, dict[str, Any]], **extra: 
     }
     for key, value in extra.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return parse_settings(data, tmp_path / "gateway.toml", env={})
+    return parse_settings(data, tmp_path / "gateway.toml", env=env or {})
 
 
 @dataclass
@@ -75,8 +77,13 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     """`await start_gateway(upstreams, gate=None, **settings)`: a gateway on port 0, stopped at the end."""
     servers: list[TestServer] = []
 
-    async def start(upstreams: dict[str, dict[str, Any]], gate: Gate | None = None, **extra: Any) -> Running:
-        settings = settings_for(tmp_path, upstreams, **extra)
+    async def start(
+        upstreams: dict[str, dict[str, Any]],
+        gate: Gate | None = None,
+        env: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> Running:
+        settings = settings_for(tmp_path, upstreams, env, **extra)
         app = create_app(settings, gate)
         server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
