@@ -151,7 +151,7 @@ async def test_delete_ends_the_session_and_stops_its_upstream(start_gateway: Sta
 async def test_upstream_that_dies_mid_call_gives_an_error_and_the_next_session_works(
     start_gateway: StartGateway,
 ) -> None:
-    """A stdio upstream exiting mid-call: a JSON-RPC error, not a hang; a new process serves the next session."""
+    """A stdio upstream exiting mid-call: a JSON-RPC error, not a hang; a new process serves next."""
     gw = await start_gateway(PROBE)
     async with mcp_client(gw.url("probe")) as client:
         with pytest.raises(MCPError) as caught:
