@@ -1,9 +1,13 @@
 """Load `gateway.toml` into frozen, typed settings. All validation and every `os.environ` read live here.
 
-Paths in the file are relative to the file. `${NAME}` in strings is replaced from the environment;
-secrets (tokens, Slack credentials) come only from the environment, never from the file. Every
-problem is reported with its path (`upstreams.demo.command: must be a non-empty list of strings`),
-all at once, as a `ConfigError`.
+Paths in the file are relative to the file. `${NAME}` in an upstream's `url`, `headers` and `env`
+values is replaced from the environment; secrets (tokens, Slack credentials) come only from the
+environment, never from the file. Every problem is reported with its path
+(`upstreams.demo.command: must be a non-empty list of strings`), all at once, as a `ConfigError`.
+
+A stdio upstream does not inherit the gateway's own secrets (grant and reviewer `token_env`
+variables, the Slack credentials, `APPROVALS_TOKEN`): the upstream is the very thing being gated,
+and a tool that can read its environment must not find a reviewer's token there.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from approvals.errors import ConfigError, Issue
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
+_SLACK_SECRETS = ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN")
+_CLI_SECRETS = ("APPROVALS_TOKEN",)  # the reviewer token `approvals list|approve|deny` use
+MIN_TOKEN_LENGTH = 16
 T = TypeVar("T")
 
 
@@ -61,9 +69,13 @@ class UpstreamSettings:
     policy_path: Path | None
     command: tuple[str, ...] = ()
     cwd: Path | None = None
-    env: Mapping[str, str] | None = None  # full child environment when the file sets `env`
+    # The full child environment, or None to inherit the gateway's (only when there is nothing
+    # to add and no gateway secret to withhold). Kept out of repr: it may hold credentials.
+    env: Mapping[str, str] | None = field(default=None, repr=False)
     url: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(
+        default_factory=dict, repr=False
+    )  # may carry the upstream's credential
 
     @property
     def is_stdio(self) -> bool:
@@ -84,9 +96,9 @@ class Principal:
 class SlackSettings:
     channel: str
     mode: str
-    bot_token: str
-    signing_secret: str
-    app_token: str | None
+    bot_token: str = field(repr=False)
+    signing_secret: str = field(repr=False)
+    app_token: str | None = field(repr=False)
     api_url: str | None
 
 
@@ -121,7 +133,7 @@ class _Reader:
         value = data.get(key, {})
         where = f"{path}.{key}" if path else key
         if not isinstance(value, dict):
-            self.error(where, "must be a table")
+            self.error(where, f"must be a table ([{where}]), not {_kind(value)}")
             return {}
         self.unknown(value, where, known)
         return value
@@ -129,9 +141,9 @@ class _Reader:
     def unknown(self, data: Mapping[str, Any], path: str, known: set[str]) -> None:
         for key in data:
             if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f' (did you mean "{close[0]}"?)' if close else ""
-                self.error(f"{path}.{key}" if path else key, f"unknown setting{hint}")
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f' (did you mean "{close[0]}"?)' if close else f" (known: {', '.join(sorted(known))})"
+                self.error(f"{path}.{key}" if path else str(key), f"unknown setting{hint}")
 
     def get(self, data: Mapping[str, Any], path: str, key: str, default: T, check: Callable[[Any], T]) -> T:
         if key not in data:
@@ -142,15 +154,20 @@ class _Reader:
             self.error(f"{path}.{key}", str(exc))
             return default
 
-    def expand(self, text: str, path: str) -> str:
-        def sub(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in self.env:
-                self.error(path, f"environment variable {name} is not set")
-                return ""
-            return self.env[name]
+    def expand(self, text: str, path: str) -> str | None:
+        """`text` with every `${NAME}` replaced; None (and an issue) when a variable is not set."""
+        missing = [name for name in _ENV_REF.findall(text) if name not in self.env]
+        for name in dict.fromkeys(missing):
+            self.error(path, f"environment variable {name} is not set (it is used as ${{{name}}})")
+        if missing:
+            return None
+        return _ENV_REF.sub(lambda match: self.env[match.group(1)], text)
 
-        return _ENV_REF.sub(sub, text)
+
+def _kind(value: Any) -> str:
+    """How TOML would name the type of `value`, for messages."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array"}
+    return names.get(type(value), "a table" if isinstance(value, dict) else type(value).__name__)
 
 
 def _string(value: Any) -> str:
@@ -172,16 +189,18 @@ def _positive_int(value: Any) -> int:
 
 
 def _seconds(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError('must be a duration like "30s", "15m", "2h" or "1d"')
-    return parse_duration(value)
+    return parse_duration(value)  # raises ValueError with a readable message for anything else
 
 
 def _http_url(value: Any) -> str:
     text = _string(value)
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL")
+        raise ValueError(f"must be an http:// or https:// URL (got {text!r})")
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when it is read
+    except ValueError:
+        raise ValueError(f"must be a URL with a port from 0 to 65535 (got {text!r})") from None
     return text.rstrip("/")
 
 
@@ -197,19 +216,31 @@ def _host_list(value: Any) -> tuple[str, ...]:
     return tuple(v.lower() for v in value)
 
 
+def _string_table(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError("must be a table of strings")
+    return value
+
+
 def _read_server(r: _Reader, data: Mapping[str, Any]) -> ServerSettings:
     known = {"host", "port", "public_url", "allowed_hosts", "max_body_bytes", "session_idle"}
     t = r.table(data, "", "server", known)
     d = ServerSettings()
     port = r.get(t, "server", "port", d.port, _port)
     host = r.get(t, "server", "host", d.host, _string)
+    public_url = r.get(t, "server", "public_url", "", _http_url)
+    # APPROVALS_PUBLIC_URL lets a Procfile deployment name its public address without a file edit.
+    if override := r.env.get("APPROVALS_PUBLIC_URL"):
+        try:
+            public_url = _http_url(override)
+        except ValueError as exc:
+            r.error("server.public_url", f"{exc}; it comes from APPROVALS_PUBLIC_URL")
+    if not public_url:
+        public_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     return ServerSettings(
         host=host,
         port=port,
-        # APPROVALS_PUBLIC_URL lets a Procfile deployment name its public address without a file edit.
-        public_url=_http_url(r.env["APPROVALS_PUBLIC_URL"])
-        if r.env.get("APPROVALS_PUBLIC_URL")
-        else r.get(t, "server", "public_url", f"http://{host}:{port}", _http_url),
+        public_url=public_url,
         allowed_hosts=r.get(t, "server", "allowed_hosts", (), _host_list),
         max_body_bytes=r.get(t, "server", "max_body_bytes", d.max_body_bytes, _positive_int),
         session_idle_seconds=r.get(t, "server", "session_idle", d.session_idle_seconds, _seconds),
@@ -228,104 +259,199 @@ def _read_approvals(r: _Reader, data: Mapping[str, Any]) -> ApprovalSettings:
     )
 
 
-def _read_upstream(r: _Reader, name: str, t: Any, base: Path) -> UpstreamSettings | None:
+def _read_upstream(
+    r: _Reader, name: str, t: Any, base: Path, secrets: frozenset[str]
+) -> UpstreamSettings | None:
     path = f"upstreams.{name}"
     if not _NAME.match(name):
-        r.error(path, "upstream names may use letters, digits, '_', '.' and '-' (it becomes the URL path)")
+        r.error(
+            path,
+            "the name may use only letters, digits, '_', '.' and '-', up to 64 characters"
+            " (it becomes the URL path /mcp/NAME)",
+        )
     if not isinstance(t, dict):
-        r.error(path, "must be a table")
+        r.error(path, f"must be a table ([upstreams.{name}] with command or url), not {_kind(t)}")
         return None
     r.unknown(t, path, {"command", "url", "headers", "policy", "env", "cwd"})
+    if ("command" in t) == ("url" in t):
+        r.error(path, 'needs exactly one of "command" (stdio) or "url" (Streamable HTTP)')
     no_command: tuple[str, ...] = ()
     command = r.get(t, path, "command", no_command, _string_list)
     if command and command[0] in ("python", "python3"):
         # The gateway's own interpreter, so an upstream installed beside the gateway (the demo,
         # a PyPI server) runs whichever virtualenv or PATH the gateway was started from.
         command = (sys.executable, *command[1:])
-    url = r.get(t, path, "url", "", _http_url)
-    if bool(command) == bool(url):
-        r.error(path, 'needs exactly one of "command" (stdio) or "url" (Streamable HTTP)')
-    if url:
-        url = r.expand(url, f"{path}.url")
-    headers: dict[str, str] = {}
-    raw_headers = t.get("headers", {})
-    if not isinstance(raw_headers, dict) or not all(isinstance(v, str) for v in raw_headers.values()):
-        r.error(f"{path}.headers", "must be a table of strings")
-    else:
-        headers = {k: r.expand(v, f"{path}.headers.{k}") for k, v in raw_headers.items()}
-    env: dict[str, str] | None = None
-    raw_env = t.get("env")
-    if raw_env is not None:
-        if not isinstance(raw_env, dict) or not all(isinstance(v, str) for v in raw_env.values()):
-            r.error(f"{path}.env", "must be a table of strings")
-        else:
-            # The child gets the gateway's environment plus these, so PATH and friends still work.
-            env = {**r.env, **{k: r.expand(v, f"{path}.env.{k}") for k, v in raw_env.items()}}
+    url = ""
+    if "url" in t:
+        raw_url = r.get(t, path, "url", "", _string)
+        expanded = r.expand(raw_url, f"{path}.url") if raw_url else None
+        if expanded is not None:
+            url = r.get({"url": expanded}, path, "url", "", _http_url)
+    for key, kind in (("headers", "url"), ("env", "command"), ("cwd", "command")):
+        if key in t and kind not in t and ("command" in t or "url" in t):
+            r.error(f"{path}.{key}", f'applies only to an upstream with "{kind}"')
+    headers = _read_headers(r, t, path)
+    env = _child_env(r, t, path, secrets) if "command" in t else None
     policy: Path | None = None
-    if "policy" in t:
-        policy = base / r.get(t, path, "policy", "", _string)
-        if not policy.is_file():
-            r.error(f"{path}.policy", f"file {policy} does not exist")
-    cwd = base / r.get(t, path, "cwd", ".", _string)
+    if policy_name := r.get(t, path, "policy", "", _string):
+        policy = base / policy_name
+        if policy.is_dir():
+            r.error(f"{path}.policy", f"must name a policy file, but {policy} is a directory")
+        elif not policy.is_file():
+            r.error(f"{path}.policy", f"must name an existing policy file (there is no {policy})")
+    cwd = base
+    if cwd_name := r.get(t, path, "cwd", "", _string):
+        cwd = base / cwd_name
+        if not cwd.is_dir():
+            r.error(f"{path}.cwd", f"must name an existing directory (there is no directory {cwd})")
     return UpstreamSettings(name, policy, command, cwd, env, url, headers)
 
 
-def _read_principal(r: _Reader, path: str, t: Any, kind: str) -> Principal | None:
+def _read_headers(r: _Reader, t: Mapping[str, Any], path: str) -> dict[str, str]:
+    no_headers: dict[str, str] = {}
+    headers: dict[str, str] = {}
+    for key, value in r.get(t, path, "headers", no_headers, _string_table).items():
+        where = f"{path}.headers.{key}"
+        if not _HEADER_NAME.match(key):
+            r.error(where, "is not a valid HTTP header name")
+        expanded = r.expand(value, where)
+        if expanded is not None and re.search(r"[\r\n\0]", expanded):
+            r.error(where, "must not contain line breaks or NUL characters")
+        elif expanded is not None:
+            headers[key] = expanded
+    return headers
+
+
+def _child_env(r: _Reader, t: Mapping[str, Any], path: str, secrets: frozenset[str]) -> dict[str, str] | None:
+    """A stdio upstream's environment: None (inherit) when nothing is added and nothing withheld."""
+    no_env: dict[str, str] = {}
+    extra = {
+        key: expanded
+        for key, value in r.get(t, path, "env", no_env, _string_table).items()
+        if (expanded := r.expand(value, f"{path}.env.{key}")) is not None
+    }
+    if "env" not in t and not any(var in r.env for var in secrets):
+        return None
+    # The gateway's environment (so PATH and friends still work) minus its own secrets, plus what
+    # the file adds: an entry in the file may still pass a secret on, on purpose.
+    return {k: v for k, v in r.env.items() if k not in secrets} | extra
+
+
+def _secret_names(data: Mapping[str, Any]) -> frozenset[str]:
+    """The environment variables that hold the gateway's own secrets."""
+    names = {*_SLACK_SECRETS, *_CLI_SECRETS}
+    for key in ("grants", "reviewers"):
+        entries = data.get(key)
+        for entry in entries if isinstance(entries, list) else ():
+            if isinstance(entry, dict) and isinstance(entry.get("token_env"), str):
+                names.add(entry["token_env"])
+    return frozenset(names)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A principal as read, with where its token came from, for the cross-checks."""
+
+    path: str
+    principal: Principal
+    token_key: str
+
+
+def _read_principal(r: _Reader, path: str, t: Any, kind: str) -> _Entry | None:
     known = {"name", "token_env", "token_sha256"}
     known |= {"owner"} if kind == "grant" else {"slack_user_id"}
     if not isinstance(t, dict):
-        r.error(path, "must be a table")
+        r.error(path, f"must be a table (name = ..., token_env or token_sha256 = ...), not {_kind(t)}")
         return None
     r.unknown(t, path, known)
-    name = r.get(t, path, "name", "", _string)
-    if not name:
+    if "name" not in t:
         r.error(f"{path}.name", "is required")
+    name = r.get(t, path, "name", "", _string)
     digest = ""
+    token_key = "token_env" if "token_env" in t else "token_sha256"
     if ("token_env" in t) == ("token_sha256" in t):
         r.error(path, 'needs exactly one of "token_env" (an environment variable) or "token_sha256"')
     elif "token_env" in t:
         var = r.get(t, path, "token_env", "", _string)
         token = r.env.get(var, "") if var else ""
-        if var and len(token) < 16:
-            state = "is not set" if not token else "is shorter than 16 characters"
-            r.error(f"{path}.token_env", f"environment variable {var} {state}")
-        digest = sha256_hex(token) if token else ""
-    else:
-        digest = r.get(t, path, "token_sha256", "", _string).lower()
-        if not _SHA256.match(digest):
+        if var and not token:
+            r.error(f"{path}.token_env", f"environment variable {var} is not set")
+        elif var and len(token) < MIN_TOKEN_LENGTH:
+            r.error(
+                f"{path}.token_env",
+                f"environment variable {var} must hold at least {MIN_TOKEN_LENGTH} characters"
+                " (`approvals token` makes one)",
+            )
+        else:
+            digest = sha256_hex(token) if token else ""
+    elif raw := r.get(t, path, "token_sha256", "", _string):
+        if _SHA256.match(raw.lower()):
+            digest = raw.lower()
+        else:
             r.error(f"{path}.token_sha256", "must be 64 hex digits (see `approvals token`)")
     owner = r.get(t, path, "owner", None, _string) if kind == "grant" else None
     slack = r.get(t, path, "slack_user_id", None, _string) if kind == "reviewer" else None
-    return Principal(name, digest, owner, slack)
+    return _Entry(path, Principal(name, digest, owner, slack), token_key)
 
 
-def _read_principals(r: _Reader, data: Mapping[str, Any], key: str, kind: str) -> tuple[Principal, ...]:
+def _read_principals(r: _Reader, data: Mapping[str, Any], key: str, kind: str) -> list[_Entry]:
     raw = data.get(key, [])
     if not isinstance(raw, list):
-        r.error(key, f"must be an array of tables ([[{key}]])")
-        return ()
+        r.error(key, f"must be an array of tables ([[{key}]]), not {_kind(raw)}")
+        return []
     found = [_read_principal(r, f"{key}[{i}]", t, kind) for i, t in enumerate(raw)]
-    out = tuple(p for p in found if p is not None)
+    entries = [e for e in found if e is not None]
     seen: set[str] = set()
-    for i, p in enumerate(out):
-        if p.name in seen:
-            r.error(f"{key}[{i}].name", f'"{p.name}" is used twice')
-        seen.add(p.name)
-    return out
+    for entry in entries:
+        name = entry.principal.name
+        if name and name in seen:
+            r.error(f"{entry.path}.name", f'"{name}" is used by an earlier entry; names must be unique')
+        seen.add(name)
+    return entries
+
+
+def _check_principals(r: _Reader, grants: list[_Entry], reviewers: list[_Entry]) -> None:
+    """Checks across entries: owners are reviewers, and no two principals share a token."""
+    reviewer_names = sorted({e.principal.name for e in reviewers if e.principal.name})
+    for entry in grants:
+        owner = entry.principal.owner
+        if owner is not None and owner not in reviewer_names:
+            close = difflib.get_close_matches(owner, reviewer_names, n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            r.error(f"{entry.path}.owner", f'must name a [[reviewers]] entry; "{owner}" is not one{hint}')
+    first: dict[str, str] = {}
+    for entry in [*grants, *reviewers]:
+        digest = entry.principal.token_sha256
+        if not digest:
+            continue
+        if digest in first:
+            # A shared token makes the two indistinguishable; a grant sharing a reviewer's token
+            # could approve its own calls.
+            r.error(
+                f"{entry.path}.{entry.token_key}",
+                f"must be a token of its own (the same token as {first[digest]})",
+            )
+        else:
+            first[digest] = entry.path
 
 
 def _read_slack(r: _Reader, data: Mapping[str, Any]) -> SlackSettings | None:
     if "slack" not in data:
         return None
+    if not isinstance(data["slack"], dict):
+        r.error("slack", f"must be a table ([slack] with channel and mode), not {_kind(data['slack'])}")
+        return None
     t = r.table(data, "", "slack", {"channel", "mode", "api_url"})
     mode = r.get(t, "slack", "mode", "http", _string)
     if mode not in ("http", "socket"):
-        r.error("slack.mode", 'must be "http" or "socket"')
-    needed = ["SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET"] + (["SLACK_APP_TOKEN"] if mode == "socket" else [])
+        r.error("slack.mode", f'must be "http" or "socket" (got {mode!r})')
+    if "channel" not in t:
+        r.error("slack.channel", "is required (the ID of the channel approvals are posted to, C0...)")
+    needed = [*_SLACK_SECRETS[:2], *(_SLACK_SECRETS[2:] if mode == "socket" else ())]
     for var in needed:
         if not r.env.get(var):
             r.error(
-                "slack", f"environment variable {var} is not set (Slack secrets come from the environment)"
+                "slack", f"needs the environment variable {var} (Slack secrets come from the environment)"
             )
     return SlackSettings(
         channel=r.get(t, "slack", "channel", "", _string),
@@ -350,19 +476,32 @@ def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]
     approvals = _read_approvals(r, data)
     upstream_table = data.get("upstreams", {})
     if not isinstance(upstream_table, dict):
-        r.error("upstreams", "must be a table of [upstreams.NAME] tables")
-        upstream_table = {}
-    upstreams = {
-        name: up for name, t in upstream_table.items() if (up := _read_upstream(r, name, t, base)) is not None
-    }
-    if not upstream_table:
+        r.error("upstreams", f"must be a table of [upstreams.NAME] tables, not {_kind(upstream_table)}")
+        upstream_table = None
+    elif not upstream_table:
         r.error("upstreams", "at least one upstream is required ([upstreams.NAME] with command or url)")
+    secrets = _secret_names(data)
+    upstreams = {
+        name: up
+        for name, t in (upstream_table or {}).items()
+        if (up := _read_upstream(r, name, t, base, secrets)) is not None
+    }
     grants = _read_principals(r, data, "grants", "grant")
     reviewers = _read_principals(r, data, "reviewers", "reviewer")
+    _check_principals(r, grants, reviewers)
     slack = _read_slack(r, data)
     if r.issues:
         raise ConfigError(str(source), r.issues)
-    return Settings(source, server, store, approvals, upstreams, grants, reviewers, slack)
+    return Settings(
+        source,
+        server,
+        store,
+        approvals,
+        upstreams,
+        tuple(e.principal for e in grants),
+        tuple(e.principal for e in reviewers),
+        slack,
+    )
 
 
 def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
@@ -370,9 +509,19 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(str(path), [Issue("", f"cannot read the file: {exc.strerror}")]) from None
+        raise ConfigError(str(path), [Issue("", f"cannot read the file: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(path), [Issue("", f"cannot read the file: not UTF-8 text ({exc.reason})")]
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [Issue("", f"not valid TOML: {exc}")]) from None
     return parse_settings(data, path.resolve(), os.environ if env is None else env)
+
+
+def reviewer_environment(env: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(APPROVALS_URL, APPROVALS_TOKEN) for the reviewer commands `list`, `approve`, `deny`."""
+    env = os.environ if env is None else env
+    return env.get("APPROVALS_URL") or None, env.get("APPROVALS_TOKEN") or None
