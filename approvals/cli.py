@@ -1,4 +1,4 @@
-"""The `approvals` command: serve, check, token.
+"""The `approvals` command: serve, check, token, and the reviewer's list, approve, deny.
 
 Every failure a user can cause (bad config, bad policy, a port in use) ends in a message that says
 what is wrong and where, and exit status 1 — never a traceback.
@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -20,7 +21,15 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from approvals.config import Principal, Settings, load_settings, sha256_hex
+from approvals import review_client
+from approvals.config import (
+    MIN_TOKEN_LENGTH,
+    Principal,
+    Settings,
+    load_settings,
+    reviewer_environment,
+    sha256_hex,
+)
 from approvals.errors import ConfigError
 from approvals.gatekeeper import build_gate, check_policies
 from approvals.web.app import create_app
@@ -28,9 +37,22 @@ from approvals.web.origin import LOOPBACK_NAMES
 
 DEFAULT_CONFIG = Path("config/gateway.toml")
 DEV_GRANT = "dev-agent"
+DEV_REVIEWER = "dev-reviewer"
+DEFAULT_URL = "http://127.0.0.1:8080"
 SHUTDOWN_GRACE_SECONDS = 10.0
+EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 
 log = logging.getLogger("approvals")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 65535, not {text!r}")
+    return port
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=DEFAULT_CONFIG, help="gateway.toml (default: %(default)s)"
     )
     serve.add_argument("--host", help="listen address (overrides [server] host)")
-    serve.add_argument("--port", type=int, help="listen port, 0 for any free one (overrides [server] port)")
+    serve.add_argument("--port", type=_port, help="listen port, 0 for any free one (overrides [server] port)")
     check = commands.add_parser(
         "check", help="validate the config and every policy file, listing every error"
     )
@@ -51,7 +73,36 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=DEFAULT_CONFIG, help="gateway.toml (default: %(default)s)"
     )
     commands.add_parser("token", help="print a new random token and its sha256 (for token_sha256 = ...)")
+    url_help = "the gateway's URL (default: $APPROVALS_URL or %(default)s); token from $APPROVALS_TOKEN"
+    listing = commands.add_parser("list", help="list approvals of a running gateway")
+    listing.add_argument("--status", default="pending", help="pending (default), approved, denied, …, or all")
+    approve = commands.add_parser("approve", help="approve a pending call")
+    approve.add_argument("id")
+    approve.add_argument("--reason", help="why (shown in the audit log)")
+    deny = commands.add_parser("deny", help="deny a pending call; the reason reaches the agent")
+    deny.add_argument("id")
+    deny.add_argument("--reason", required=True, help="why (the agent is told)")
+    for command in (listing, approve, deny):
+        command.add_argument("--url", default=DEFAULT_URL, help=url_help)
     return parser
+
+
+def _review(args: argparse.Namespace) -> None:
+    url_env, token = reviewer_environment()
+    url = url_env if url_env and args.url == DEFAULT_URL else args.url
+    if not token:
+        review_client.fail("set APPROVALS_TOKEN to your reviewer token")
+    assert token is not None
+    try:
+        if args.command == "list":
+            status = None if args.status == "all" else args.status
+            print(asyncio.run(review_client.list_approvals(url, token, status)))
+        else:
+            print(
+                asyncio.run(review_client.decide(url, token, args.id, args.command == "approve", args.reason))
+            )
+    except review_client.ReviewError as exc:
+        review_client.fail(str(exc))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -61,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "token":
         token = secrets.token_urlsafe(32)
         print(f"token:  {token}\nsha256: {sha256_hex(token)}")
+        return
+    if args.command in ("list", "approve", "deny"):
+        _review(args)
         return
     try:
         settings = load_settings(args.config)
@@ -77,61 +131,98 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=args.port if args.port is not None else settings.server.port,
     )
     settings = dataclasses.replace(settings, server=server)
-    settings, dev_token = _with_dev_grant(settings)
     try:
-        asyncio.run(_serve(settings, dev_token))
+        settings, dev_tokens = _with_dev_credentials(settings)
     except OSError as exc:
-        print(f"error: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"error: cannot keep a development token in {settings.store.path.parent}: {_reason(exc)}",
+            file=sys.stderr,
+        )
         sys.exit(1)
+    try:
+        sys.exit(asyncio.run(_serve(settings, dev_tokens)))
+    except KeyboardInterrupt:  # Ctrl-C before the gateway was listening
+        sys.exit(EXIT_INTERRUPTED)
 
 
-def _token_file(settings: Settings) -> Path:
-    return settings.store.path.parent / f"{DEV_GRANT}.token"
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
-def _with_dev_grant(settings: Settings) -> tuple[Settings, str | None]:
-    """With no [[grants]] configured, a development grant whose token is kept beside the store."""
-    if settings.grants:
-        return settings, None
-    token_file = _token_file(settings)
-    if token_file.is_file():
-        token = token_file.read_text().strip()
-    else:
-        token_file.parent.mkdir(parents=True, exist_ok=True)
+def _token_file(settings: Settings, name: str) -> Path:
+    return settings.store.path.parent / f"{name}.token"
+
+
+def _kept_token(path: Path) -> str:
+    """The token kept in `path`, made (owner-only) when missing, emptied or cut short."""
+    token = path.read_text().strip() if path.is_file() else ""
+    if len(token) < MIN_TOKEN_LENGTH:
         token = secrets.token_urlsafe(32)
-        token_file.touch(mode=0o600)
-        token_file.write_text(token + "\n")
-    grant = Principal(DEV_GRANT, sha256_hex(token), owner=None)
-    return dataclasses.replace(settings, grants=(grant,)), token
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        # Created owner-only from the start, so the token is never readable by others, not even briefly.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(token + "\n")
+    return token
 
 
-async def _serve(settings: Settings, dev_token: str | None) -> None:
-    app = create_app(settings, build_gate(settings))
+def _with_dev_credentials(settings: Settings) -> tuple[Settings, dict[str, str]]:
+    """A development grant when no [[grants]] are configured, and a development reviewer when no
+    [[reviewers]] are, each with its token kept beside the store.
+
+    The development agent has no owner, so the development reviewer may approve its calls.
+    """
+    tokens: dict[str, str] = {}
+    if not settings.grants:
+        tokens[DEV_GRANT] = _kept_token(_token_file(settings, DEV_GRANT))
+        grant = Principal(DEV_GRANT, sha256_hex(tokens[DEV_GRANT]), owner=None)
+        settings = dataclasses.replace(settings, grants=(grant,))
+    if not settings.reviewers:
+        tokens[DEV_REVIEWER] = _kept_token(_token_file(settings, DEV_REVIEWER))
+        reviewer = Principal(DEV_REVIEWER, sha256_hex(tokens[DEV_REVIEWER]))
+        settings = dataclasses.replace(settings, reviewers=(reviewer,))
+    return settings, tokens
+
+
+async def _serve(settings: Settings, dev_tokens: dict[str, str]) -> int:
+    """Serve until SIGINT or SIGTERM; the exit status (1 when the address cannot be listened on)."""
+    # Handlers first: once the banner is out a supervisor may signal at any moment, and the
+    # default action would kill the gateway without stopping its stdio upstreams.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    gate = build_gate(settings)
+    app = create_app(settings, gate)
+    # SIGHUP: re-read every policy file now (edits are also picked up within a second on their own).
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gate.policies.reload_async()))
+    # aiohttp gives in-flight requests `shutdown_timeout` to finish, then as long again once
+    # cancelled: half each keeps the whole shutdown within the grace the log line promises.
     runner = web.AppRunner(
-        app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_SECONDS, access_log=None
+        app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_SECONDS / 2, access_log=None
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     try:
         await site.start()
-    except OSError:
+    except OSError as exc:
         await runner.cleanup()
-        raise
+        where = f"{settings.server.host}:{settings.server.port}"
+        print(f"error: cannot listen on {where}: {_reason(exc)}", file=sys.stderr)
+        return 1
     port = runner.addresses[0][1]
-    _print_banner(settings, port, dev_token)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    _print_banner(settings, port, dev_tokens)
     await stop.wait()
     log.info(
         "shutting down: no new connections; finishing calls in flight for up to %.0f s",
         SHUTDOWN_GRACE_SECONDS,
     )
     await runner.cleanup()
+    return 0
 
 
-def _print_banner(settings: Settings, port: int, dev_token: str | None) -> None:
+def _print_banner(settings: Settings, port: int, dev_tokens: dict[str, str]) -> None:
     base = settings.server.public_url
     public = urlsplit(base)
     if public.hostname in LOOPBACK_NAMES:  # local use: show the port actually bound (--port, or 0)
@@ -139,18 +230,24 @@ def _print_banner(settings: Settings, port: int, dev_token: str | None) -> None:
     lines = [f"approvals gateway listening on {settings.server.host}:{port}"]
     for name in settings.upstreams:
         lines.append(f"  MCP URL for upstream {name!r}: {base}/mcp/{name}")
-    if dev_token is not None:
+    if DEV_REVIEWER in dev_tokens:
+        lines += [
+            f"  development reviewer token ({DEV_REVIEWER}, kept in {_token_file(settings, DEV_REVIEWER)}):",
+            f"    export APPROVALS_URL={base} APPROVALS_TOKEN={dev_tokens[DEV_REVIEWER]}",
+            "    approvals list; approvals approve ID; approvals deny ID --reason '...'",
+        ]
+    if DEV_GRANT in dev_tokens:
         servers = {
             f"approvals-{name}": {
                 "type": "http",
                 "url": f"{base}/mcp/{name}",
-                "headers": {"Authorization": f"Bearer {dev_token}"},
+                "headers": {"Authorization": f"Bearer {dev_tokens[DEV_GRANT]}"},
             }
             for name in settings.upstreams
         }
         lines += [
-            f"  development agent token ({DEV_GRANT}, kept in {_token_file(settings)}):",
-            f"    {dev_token}",
+            f"  development agent token ({DEV_GRANT}, kept in {_token_file(settings, DEV_GRANT)}):",
+            f"    {dev_tokens[DEV_GRANT]}",
             "  paste into your MCP client's config (Claude, Cursor, ...):",
             *("    " + line for line in json.dumps({"mcpServers": servers}, indent=2).splitlines()),
         ]

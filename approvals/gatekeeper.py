@@ -10,43 +10,25 @@ admit(call) → policy.evaluate → deny / hidden      → a tool error the agen
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from approvals.channels import Channel, Channels
 from approvals.config import Settings
-from approvals.jsonrpc import JsonObject, tool_error
+from approvals.jsonrpc import JsonObject
 from approvals.limits import LimitRefusal, RateLimiter, Reservation
-from approvals.policy import Decision
+from approvals.outcomes import denial, limit_refusal
+from approvals.policy import Limit
 from approvals.policy_files import WATCH_INTERVAL_SECONDS, PolicyBook, check_policies
-from approvals.proxy.gate import FORWARD, Admission, ToolCall
+from approvals.proxy.gate import FORWARD, Admission, ToolCall, UpstreamCaller
+from approvals.queue import ApprovalQueue
 from approvals.store import Store
+from approvals.tool_catalog import ToolCatalog
 
-__all__ = ["Gatekeeper", "build_gate", "check_policies", "denial", "limit_refusal"]
+__all__ = ["Gatekeeper", "build_gate", "check_policies"]
 
 log = logging.getLogger(__name__)
-META_KEY = "approvals"  # our namespace in a result's `_meta`
-
-
-def denial(decision: Decision) -> JsonObject:
-    """The answer to a call the policy refuses."""
-    return tool_error(
-        f"Denied by policy: {decision.reason or 'not allowed'}",
-        {META_KEY: {"code": decision.code, "rule": decision.rule}},
-    )
-
-
-def limit_refusal(refusal: LimitRefusal, decision: Decision) -> JsonObject:
-    """The answer to a call over a rate limit; `retry_after` is null when waiting cannot help."""
-    retry = None if math.isinf(refusal.retry_after) else math.ceil(refusal.retry_after)
-    meta = {
-        "code": "rate_limited",
-        "rule": decision.rule,
-        "counter": refusal.limit.counter,
-        "retry_after": retry,
-    }
-    return tool_error(refusal.message, {META_KEY: meta})
 
 
 class Gatekeeper:
@@ -64,14 +46,39 @@ class Gatekeeper:
         self.clock = clock
         self.watch_interval = watch_interval
         self.limiter: RateLimiter | None = None
+        self.queue: ApprovalQueue | None = None
+        self.catalog: ToolCatalog | None = None
+        self.channels: Channels | None = None
+        self.channel_list: list[Channel] = []  # Slack, the inbox…: registered before start
 
-    async def start(self, store: Store) -> None:
+    async def start(self, store: Store, upstreams: UpstreamCaller) -> None:
         self.limiter = RateLimiter(store, clock=self.clock)
         await self.limiter.start()
+        self.channels = Channels(store, self.channel_list)
+        self.catalog = ToolCatalog(upstreams)
+        self.queue = ApprovalQueue(
+            self.settings,
+            store,
+            self.limiter,
+            upstreams,
+            self.catalog,
+            self.channels,
+            self._limits_for,
+            self.clock,
+        )
+        await self.queue.start()
         self.policies.start(self.watch_interval)
+
+    def _limits_for(self, upstream: str, tool: str, arguments: Mapping[str, object]) -> Sequence[Limit]:
+        # Limits at release come from the policy in force then: an edit applies to what is still waiting.
+        return self.policies[upstream].evaluate(tool, arguments).limits
 
     async def close(self) -> None:
         await self.policies.close()
+        if self.queue is not None:
+            await self.queue.close()
+        if self.channels is not None:
+            await self.channels.close()
         if self.limiter is not None:
             await self.limiter.close()
 
@@ -79,14 +86,10 @@ class Gatekeeper:
         decision = self.policies[call.upstream].evaluate(call.tool, call.arguments)
         if decision.action == "deny":
             return Admission(answer=denial(decision))
-        if decision.action == "require_approval":
-            return Admission(
-                answer=tool_error(
-                    "This call needs a reviewer's approval, and approvals are not enabled on this gateway.",
-                    {META_KEY: {"code": "approval_unavailable", "rule": decision.rule}},
-                )
-            )
         assert self.limiter is not None, "Gatekeeper.start() was not awaited"
+        assert self.queue is not None
+        if decision.action == "require_approval":
+            return await self.queue.admit(call, decision)
         reserved = self.limiter.reserve(
             decision.limits,
             grant=call.grant,
@@ -113,6 +116,8 @@ class Gatekeeper:
         return settle
 
     def visible_tools(self, upstream: str, tools: list[JsonObject]) -> list[JsonObject]:
+        if self.catalog is not None:
+            self.catalog.remember(upstream, tools)
         policy = self.policies[upstream]
         return [t for t in tools if not (isinstance(t.get("name"), str) and policy.is_hidden(t["name"]))]
 

@@ -62,6 +62,34 @@ async def test_newer_schema_version_is_refused(tmp_path: pathlib.Path) -> None:
     assert _user_version(path) == len(MIGRATIONS) + 1
 
 
+async def test_v1_database_migrates_to_v2_keeping_its_counters(tmp_path: pathlib.Path) -> None:
+    """A file written before approvals existed gains the approvals tables and keeps its counters."""
+    path = tmp_path / "approvals.db"
+    with sqlite3.connect(path) as conn:
+        for statement in split_statements(MIGRATIONS[0]):
+            conn.execute(statement)
+        conn.execute("INSERT INTO counters VALUES ('calls', '*', 60, 4.0)")
+        conn.execute("PRAGMA user_version=1")
+    store = await SqliteStore.open(path)
+    try:
+        assert await store.schema_version() == len(MIGRATIONS) == 2
+        assert await store.load_counters(0) == [("calls", "*", 60, 4.0)]
+        assert await store.list_approvals() == []
+        assert await store.audit_events() == []
+    finally:
+        await store.close()
+
+
+async def test_sqlite_older_than_the_minimum_is_refused(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without STRICT tables and RETURNING the compare-and-set cannot work: the store will not open."""
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    with pytest.raises(StoreError, match="too old"):
+        await SqliteStore.open(tmp_path / "approvals.db")
+    assert not (tmp_path / "approvals.db").exists()
+
+
 async def test_journal_mode_is_wal(store: SqliteStore, tmp_path: pathlib.Path) -> None:
     """The file is in WAL mode, so readers in other processes never block the gateway."""
     with sqlite3.connect(tmp_path / "approvals.db") as conn:

@@ -25,9 +25,35 @@ class ToolCall:
     arguments: Mapping[str, object]
 
 
+class Hold(Protocol):
+    """A call waiting for a reviewer. The proxy keeps the client's request open on an SSE stream
+    while it waits, for at most the configured hold time."""
+
+    approval_id: str
+
+    async def wait(self, timeout: float) -> JsonObject | None:
+        """The call's outcome as a JSON-RPC response without its id (`result` or `error`), or None
+        if it is not decided within `timeout` seconds."""
+        ...
+
+    def status(self, now: float) -> str:
+        """One line for progress notifications: "Waiting for approval 7f3c… — expires in 9 min"."""
+        ...
+
+    def pending_result(self, now: float) -> JsonObject:
+        """The tool result to answer with when the hold runs out before a decision."""
+        ...
+
+    def delivered(self) -> None:
+        """The outcome reached the client; a kept result is not handed out again."""
+
+    async def cancel(self, reason: str) -> None:
+        """The client cancelled the request (or its session ended) while it was held."""
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """The gate's answer: forward the call (`answer is None`), or answer the agent with `answer`.
+    """The gate's answer: forward the call, answer the agent with `answer`, or `hold` it.
 
     `on_result` is told the upstream's final response (or a transport error in JSON-RPC form) of
     a forwarded call, so that counters can be rolled back when the upstream fails the call.
@@ -35,13 +61,22 @@ class Admission:
 
     answer: JsonObject | None = None
     on_result: Callable[[JsonObject], None] | None = None
+    hold: Hold | None = None
 
 
 FORWARD = Admission()
 
 
+class UpstreamCaller(Protocol):
+    """How the gate reaches an upstream itself: one request, its JSON-RPC response."""
+
+    async def call(
+        self, upstream: str, method: str, params: JsonObject, *, prefer_session: str | None = None
+    ) -> JsonObject: ...
+
+
 class Gate(Protocol):
-    async def start(self, store: Store) -> None: ...
+    async def start(self, store: Store, upstreams: UpstreamCaller) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -59,7 +94,7 @@ class Gate(Protocol):
 class AllowAll:
     """Forwards every call and shows every tool."""
 
-    async def start(self, store: Store) -> None:
+    async def start(self, store: Store, upstreams: UpstreamCaller) -> None:
         pass
 
     async def close(self) -> None:

@@ -11,11 +11,15 @@ import time
 import aiohttp
 
 from approvals.config import Settings
+from approvals.jsonrpc import HANDSHAKE_VERSIONS, UPSTREAM_UNAVAILABLE, JsonObject, error_response
 from approvals.proxy.gate import Gate
 from approvals.proxy.session import Session
 from approvals.proxy.upstream import connect
 
 log = logging.getLogger(__name__)
+
+GATEWAY_CLIENT = {"name": "approvals-gateway", "version": "1"}
+SERVICE_GRANT = "(gateway)"  # not a configurable grant name: config names must start with a letter or digit
 
 
 class Gateway:
@@ -25,6 +29,10 @@ class Gateway:
         self.settings = settings
         self.gate = gate
         self.sessions: dict[str, Session] = {}
+        # The gateway's own upstream sessions, for calls that outlive the client's session
+        # (a release after the hold ran out) and for reading tool definitions.
+        self._service: dict[str, Session] = {}
+        self._service_lock = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
         self._reaper: asyncio.Task[None] | None = None
 
@@ -40,6 +48,12 @@ class Gateway:
 
     async def open_session(self, grant: str, upstream: str) -> Session:
         """A new session, connected to a new upstream session (a new process for stdio)."""
+        session = await self._connect(grant, upstream)
+        session.on_close = self._forget
+        self.sessions[session.id] = session
+        return session
+
+    async def _connect(self, grant: str, upstream: str) -> Session:
         assert self._http is not None, "Gateway.start() was not awaited"
         settings = self.settings.upstreams[upstream]
         session = Session(secrets.token_urlsafe(32), grant, settings)
@@ -47,9 +61,45 @@ class Gateway:
             settings, self._http, session.on_upstream_message, session.on_upstream_closed
         )
         await session.connection.start()
-        session.on_close = self._forget
-        self.sessions[session.id] = session
         return session
+
+    async def call(
+        self, upstream: str, method: str, params: JsonObject, *, prefer_session: str | None = None
+    ) -> JsonObject:
+        """The gateway's own request to an upstream, answered with the upstream's JSON-RPC response.
+
+        It goes through the client's session while that is open (so what the upstream sends about
+        it reaches that client), else through the gateway's own session with the upstream.
+        """
+        session = self.sessions.get(prefer_session) if prefer_session else None
+        if session is None or session.closed_reason is not None or session.upstream_name != upstream:
+            try:
+                session = await self._service_session(upstream)
+            except ConnectionError as exc:
+                return error_response(None, UPSTREAM_UNAVAILABLE, f"upstream {upstream} unavailable: {exc}")
+        return await _answer(session, method, params)
+
+    async def _service_session(self, upstream: str) -> Session:
+        async with self._service_lock:
+            session = self._service.get(upstream)
+            if session is not None and session.closed_reason is None:
+                return session
+            session = await self._connect(SERVICE_GRANT, upstream)
+            init = {
+                "protocolVersion": HANDSHAKE_VERSIONS[-1],
+                "capabilities": {},
+                "clientInfo": GATEWAY_CLIENT,
+            }
+            answer = await _answer(session, "initialize", init)
+            result = answer.get("result")
+            if not isinstance(result, dict):
+                await session.close("initialize failed")
+                raise ConnectionError(f"initialize failed: {answer.get('error')}")
+            session.protocol_version = str(result.get("protocolVersion"))
+            assert session.connection is not None
+            session.connection.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+            self._service[upstream] = session
+            return session
 
     def find(self, session_id: str, grant: str, upstream: str) -> Session | None:
         """The session, only for the grant that created it and on its own upstream path."""
@@ -75,6 +125,11 @@ class Gateway:
                 log.info("closing session %s… after %.0f s idle", session.id[:8], idle)
                 await self.end_session(session, "the session was idle too long")
 
+    def drain(self) -> None:
+        """First step of shutdown: end idle streams and holds so in-flight requests can finish."""
+        for session in self.sessions.values():
+            session.drain()
+
     async def close(self) -> None:
         """Shutdown: end every session (stopping stdio upstreams), then the HTTP client."""
         if self._reaper is not None:
@@ -83,7 +138,17 @@ class Gateway:
                 await self._reaper
         await asyncio.gather(
             *(self.end_session(s, "the gateway is shutting down") for s in list(self.sessions.values())),
+            *(s.close("the gateway is shutting down") for s in self._service.values()),
             return_exceptions=True,
         )
         if self._http is not None:
             await self._http.close()
+
+
+async def _answer(session: Session, method: str, params: JsonObject) -> JsonObject:
+    exchange = session.request(method, params)
+    try:
+        message = await exchange.outbox.get()
+    finally:
+        session.release(exchange)
+    return message if message is not None else error_response(None, UPSTREAM_UNAVAILABLE, "no answer")

@@ -30,14 +30,14 @@ from approvals.jsonrpc import (
 )
 from approvals.proxy.gate import ToolCall
 from approvals.proxy.gateway import Gateway
+from approvals.proxy.hold import stream_hold
 from approvals.proxy.session import Exchange, Session
-from approvals.proxy.sse import encode_comment, encode_event
+from approvals.proxy.sse import SSE_HEADERS, encode_comment, encode_event
 from approvals.web.keys import GATEWAY, GRANTS
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 15.0
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform"}
 Transform = Callable[[JsonObject], JsonObject]
 
 
@@ -159,6 +159,9 @@ async def _request(
         if isinstance(name, str) and isinstance(arguments, dict):
             call = ToolCall(session.upstream_name, session.grant, session.id, name, arguments)
             admission = await gateway.gate.admit(call)
+            if admission.hold is not None:
+                hold_seconds = gateway.settings.approvals.hold_seconds
+                return await stream_hold(request, session, message, admission.hold, hold_seconds)
             if admission.answer is not None:
                 assert message.id is not None
                 return json_message(result_response(message.id, admission.answer))

@@ -27,6 +27,7 @@ from approvals.jsonrpc import (
     RequestId,
     error_response,
 )
+from approvals.proxy.gate import Hold
 from approvals.proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ class Session:
         self._by_progress: dict[object, int] = {}
         self._streams: list[Outbox] = []
         self._waiting: collections.deque[JsonObject] = collections.deque(maxlen=MAX_WAITING_MESSAGES)
+        self.held: dict[RequestId, Hold] = {}  # calls waiting for a reviewer, by client request id
+        self.cancelled: set[RequestId] = set()  # held calls the client cancelled
+        self._background: set[asyncio.Task[None]] = set()
+        self.draining = asyncio.Event()  # set at shutdown: streams end, held calls answer now
         self.on_close: Callable[[Session], None] | None = None
 
     # ---- client → upstream ---------------------------------------------------------------
@@ -93,6 +98,9 @@ class Session:
         body = message.body
         if message.method == "notifications/cancelled":
             request_id = message.params.get("requestId")
+            if isinstance(request_id, str | int) and request_id in self.held:
+                self._cancel_hold(request_id, "the client cancelled the request")
+                return  # never sent upstream: the upstream has not seen this call
             upstream_id = self._by_client_id.get(request_id) if isinstance(request_id, str | int) else None
             if upstream_id is None:
                 return  # the request is already answered or unknown: nothing to cancel
@@ -100,6 +108,13 @@ class Session:
             self._finish(upstream_id, None)
         if self.connection is not None and self.closed_reason is None:
             self.connection.send(body)
+
+    def _cancel_hold(self, request_id: RequestId, reason: str) -> None:
+        hold = self.held.pop(request_id)
+        self.cancelled.add(request_id)
+        task = asyncio.create_task(hold.cancel(reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _open(self, client_id: RequestId | None, token: object) -> Exchange:
         self._next_id += 1
@@ -186,6 +201,12 @@ class Session:
         self._streams.append(outbox)
         return outbox
 
+    def drain(self) -> None:
+        """Shutdown: end the GET streams and let held calls answer at once; calls upstream go on."""
+        self.draining.set()
+        for outbox in self._streams:
+            outbox.put_nowait(None)
+
     def close_stream(self, outbox: Outbox) -> None:
         if outbox in self._streams:
             self._streams.remove(outbox)
@@ -205,9 +226,12 @@ class Session:
             self.on_close(self)
 
     async def close(self, reason: str = "session ended") -> None:
-        """End the session: answer what is in flight, end the streams, close the upstream."""
+        """End the session: cancel held calls, answer calls in flight, end streams, close the upstream."""
         if self.closed_reason is None:
             self.closed_reason = reason
+        for request_id in list(self.held):
+            self._cancel_hold(request_id, "the client's session ended")
+        await asyncio.gather(*self._background, return_exceptions=True)
         for exchange in list(self._exchanges.values()):
             self._answer(
                 exchange, error_response(exchange.upstream_id, UPSTREAM_UNAVAILABLE, self.closed_reason)

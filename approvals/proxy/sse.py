@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform"}
+
 
 def encode_event(data: bytes, event_id: str | None = None) -> bytes:
     """One `message` event. JSON from `jsonrpc.encode` has no raw newlines, so one data line suffices."""

@@ -13,7 +13,8 @@ from approvals.proxy.gate import Gate
 from approvals.proxy.gateway import Gateway
 from approvals.proxy.handlers import add_routes
 from approvals.store.sqlite import SqliteStore
-from approvals.web.keys import GATEWAY, GRANTS, SETTINGS, STORE
+from approvals.web import api
+from approvals.web.keys import GATEKEEPER, GATEWAY, GRANTS, SETTINGS
 from approvals.web.origin import allowed_hostnames, origin_middleware
 
 
@@ -23,15 +24,20 @@ def create_app(settings: Settings, gate: Gate | None = None) -> web.Application:
     Raises ConfigError when a policy file is invalid, before anything starts.
     """
     app = web.Application(
-        middlewares=[origin_middleware(allowed_hostnames(settings.server))],
+        middlewares=[origin_middleware(allowed_hostnames(settings.server)), api.store_errors],
         # aiohttp's own limit; the MCP handler checks first to answer with a JSON-RPC error.
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[GRANTS] = TokenIndex(settings.grants)
-    app[GATEWAY] = Gateway(settings, gate if gate is not None else Gatekeeper(settings))
+    gate = gate if gate is not None else Gatekeeper(settings)
+    app[GATEWAY] = Gateway(settings, gate)
     app.cleanup_ctx.append(_lifetime)
+    app.on_shutdown.append(_drain)
     add_routes(app)
+    if isinstance(gate, Gatekeeper):
+        app[GATEKEEPER] = gate
+        api.add_routes(app, TokenIndex(settings.reviewers))
     app.router.add_get("/healthz", healthz)
     return app
 
@@ -40,15 +46,20 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     """Open the store, start the gate and the gateway; on shutdown, close them in reverse."""
     gateway = app[GATEWAY]
     store = await SqliteStore.open(app[SETTINGS].store.path)
-    app[STORE] = store
     try:
-        await gateway.gate.start(store)
+        await gateway.gate.start(store, gateway)
         await gateway.start()
         yield
     finally:
         await gateway.close()
         await gateway.gate.close()
         await store.close()
+
+
+async def _drain(app: web.Application) -> None:
+    # aiohttp waits for requests in flight before cleanup; a client's idle GET stream or a held
+    # call would make every shutdown last the whole grace period.
+    app[GATEWAY].drain()
 
 
 async def healthz(request: web.Request) -> web.Response:

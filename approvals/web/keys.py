@@ -6,10 +6,11 @@ from aiohttp import web
 
 from approvals.auth import TokenIndex
 from approvals.config import Settings
+from approvals.gatekeeper import Gatekeeper
 from approvals.proxy.gateway import Gateway
-from approvals.store.sqlite import SqliteStore
 
 SETTINGS = web.AppKey("settings", Settings)
 GATEWAY = web.AppKey("gateway", Gateway)
 GRANTS = web.AppKey("grants", TokenIndex)
-STORE = web.AppKey("store", SqliteStore)
+GATEKEEPER = web.AppKey("gatekeeper", Gatekeeper)
+REVIEWERS = web.AppKey("reviewers", TokenIndex)

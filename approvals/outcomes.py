@@ -1,0 +1,115 @@
+"""What an agent is told at each step of an approval, in words a model can act on (pure).
+
+Every answer is a `CallToolResult` with `isError: true` and machine-readable fields under
+`_meta.approvals` (code, approval_id, status, and what else applies), except a released call's
+outcome, which is the upstream's own response, untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from approvals.durations import format_duration
+from approvals.jsonrpc import JsonObject, tool_error
+from approvals.limits import LimitRefusal
+from approvals.policy import Decision
+from approvals.store.records import Approval
+
+META_KEY = "approvals"
+
+
+def denial(decision: Decision) -> JsonObject:
+    """The answer to a call the policy refuses."""
+    return tool_error(
+        f"Denied by policy: {decision.reason or 'not allowed'}",
+        {META_KEY: {"code": decision.code, "rule": decision.rule}},
+    )
+
+
+def limit_refusal(refusal: LimitRefusal, decision: Decision) -> JsonObject:
+    """The answer to a call over a rate limit; `retry_after` is null when waiting cannot help."""
+    retry = None if math.isinf(refusal.retry_after) else math.ceil(refusal.retry_after)
+    meta = {
+        "code": "rate_limited",
+        "rule": decision.rule,
+        "counter": refusal.limit.counter,
+        "retry_after": retry,
+    }
+    return tool_error(refusal.message, {META_KEY: meta})
+
+
+def _meta(approval: Approval, code: str, **extra: object) -> JsonObject:
+    return {META_KEY: {"code": code, "approval_id": approval.id, "status": approval.status, **extra}}
+
+
+def pending_result(approval: Approval, now: float, url: str) -> JsonObject:
+    """The answer when the hold runs out before anyone decided."""
+    left = format_duration(max(approval.expires_at - now, 0))
+    text = (
+        f"Approval pending: calling {approval.tool} needs a reviewer's approval (request {approval.id}, "
+        f"expires in {left}). Reviewers have been asked; the request is at {url}. "
+        "The call has not been made. "
+        f"To get the outcome, call {approval.tool} again later with exactly the same arguments: while the "
+        "request is pending the call waits for it again, and once it is decided you receive the tool's "
+        "result or the reviewer's answer. Different arguments make a new request."
+    )
+    return tool_error(text, _meta(approval, "approval_pending", url=url, expires_at=approval.expires_at))
+
+
+def waiting_status(approval: Approval, now: float) -> str:
+    """One line for progress notifications while a call is held."""
+    left = format_duration(max(approval.expires_at - now, 0))
+    return f"Waiting for approval {approval.id[:8]}… — expires in {left}"
+
+
+def too_many_pending(limit: int) -> JsonObject:
+    return tool_error(
+        f"Denied: this client already has {limit} calls waiting for approval, the most allowed. "
+        "Wait for reviewers to decide them before asking for more.",
+        {META_KEY: {"code": "too_many_pending", "limit": limit}},
+    )
+
+
+def final_outcome(approval: Approval) -> JsonObject:
+    """The agent's answer for a record in a final state: a JSON-RPC response without its id."""
+    if approval.result_json:
+        kept = json.loads(approval.result_json)
+        return {k: v for k, v in kept.items() if k not in ("id", "jsonrpc")}
+    return {"result": _final_result(approval)}
+
+
+def _final_result(approval: Approval) -> JsonObject:
+    who = approval.decided_by or "a reviewer"
+    reason = f" Reason: {approval.reason}" if approval.reason else ""
+    if approval.status == "denied":
+        text = f"Denied by {who}: the call to {approval.tool} was not made.{reason}"
+        return tool_error(text, _meta(approval, "denied_by_reviewer", decided_by=who, reason=approval.reason))
+    if approval.status == "expired":
+        text = (
+            f"The approval request {approval.id} for {approval.tool} expired without a decision; the call "
+            f"was not made.{reason} Ask the user before trying again."
+        )
+        return tool_error(text, _meta(approval, "approval_expired", reason=approval.reason))
+    if approval.status == "cancelled":
+        text = f"The approval request {approval.id} for {approval.tool} was cancelled; the call was not made."
+        text += reason
+        return tool_error(text, _meta(approval, "approval_cancelled", reason=approval.reason))
+    if approval.status == "failed" and approval.reason == "interrupted":
+        text = (
+            f"The call to {approval.tool} was approved and sent to the server, but the gateway stopped "
+            "before "
+            "the answer arrived. It was not sent again, so that it cannot run twice: check with the user "
+            "whether it took effect."
+        )
+        return tool_error(text, _meta(approval, "release_interrupted"))
+    text = (
+        f"The call to {approval.tool} was approved and made, but its result is no longer kept "
+        f"({approval.note or 'result not kept'})."
+    )
+    return tool_error(text, _meta(approval, "result_not_kept"))
+
+
+def encode_outcome(response: JsonObject) -> str:
+    """The form a final outcome is kept in (`Approval.result_json`)."""
+    return json.dumps(response, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,89 @@
+"""Holding a `tools/call` open while a reviewer decides.
+
+Clients give up on a request after a while (the TypeScript SDK after 60 s, unless progress resets
+its timer), so a held call is answered on an SSE stream that carries a sign of life every few
+seconds: `notifications/progress` when the client sent a progress token, an SSE comment
+otherwise. After `hold_seconds` without a decision the call is answered with a result saying the
+approval is pending and how to get the outcome; the approval itself stays pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from approvals.jsonrpc import JsonObject, Message, encode, result_response
+from approvals.proxy.gate import Hold
+from approvals.proxy.session import Session
+from approvals.proxy.sse import SSE_HEADERS, encode_comment, encode_event
+
+log = logging.getLogger(__name__)
+
+SIGN_OF_LIFE_SECONDS = 5.0
+
+
+async def stream_hold(
+    request: web.Request,
+    session: Session,
+    message: Message,
+    hold: Hold,
+    hold_seconds: float,
+    clock: Callable[[], float] = time.time,
+) -> web.StreamResponse:
+    """Answer a held call: signs of life until its outcome, or the pending result at the deadline."""
+    assert message.id is not None
+    meta = message.params.get("_meta")
+    token = meta.get("progressToken") if isinstance(meta, dict) else None
+    session.held[message.id] = hold
+    stream = web.StreamResponse(headers=SSE_HEADERS)
+    await stream.prepare(request)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + hold_seconds
+    step = 0
+    try:
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or session.draining.is_set():
+                await stream.write(
+                    encode_event(encode(result_response(message.id, hold.pending_result(clock()))))
+                )
+                break
+            outcome = await _wait_or_drain(hold, session, min(SIGN_OF_LIFE_SECONDS, remaining))
+            if message.id in session.cancelled:
+                break  # the client cancelled: the spec says a cancelled request gets no answer
+            if outcome is not None:
+                await stream.write(encode_event(encode({"jsonrpc": "2.0", "id": message.id, **outcome})))
+                hold.delivered()
+                break
+            if token is not None:
+                step += 1
+                progress = {"progressToken": token, "progress": step, "message": hold.status(clock())}
+                notification = {"jsonrpc": "2.0", "method": "notifications/progress", "params": progress}
+                await stream.write(encode_event(encode(notification)))
+            else:
+                await stream.write(encode_comment(hold.status(clock())))
+        await stream.write_eof()
+    except ConnectionResetError:
+        log.info("client left while approval %s was held; it stays open for a repeat call", hold.approval_id)
+    finally:
+        session.held.pop(message.id, None)
+        session.cancelled.discard(message.id)
+    return stream
+
+
+async def _wait_or_drain(hold: Hold, session: Session, timeout: float) -> JsonObject | None:
+    """The hold's outcome within `timeout`, or None sooner if the gateway starts shutting down."""
+    outcome = asyncio.ensure_future(hold.wait(timeout))
+    drained = asyncio.ensure_future(session.draining.wait())
+    try:
+        await asyncio.wait([outcome, drained], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        drained.cancel()
+    if not outcome.done():
+        outcome.cancel()
+        return None
+    return outcome.result()

@@ -1,0 +1,86 @@
+"""`approvals list | approve | deny`: a reviewer's commands against a running gateway's JSON API."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from typing import Any
+
+import aiohttp
+
+from approvals.durations import format_duration
+
+TIMEOUT = aiohttp.ClientTimeout(total=30)
+
+
+class ReviewError(Exception):
+    """The gateway refused or could not be reached; the message says which and why."""
+
+
+async def _call(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=TIMEOUT) as http,
+            http.request(method, f"{url.rstrip('/')}{path}", json=body, headers=headers) as response,
+        ):
+            try:
+                data = await response.json(content_type=None)
+            except ValueError:
+                data = {"error": (await response.text())[:200]}
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ReviewError(f"cannot reach the gateway at {url}: {exc or type(exc).__name__}") from None
+    if response.status >= 400:
+        message = data.get("error", f"HTTP {response.status}") if isinstance(data, dict) else str(data)
+        raise ReviewError(f"{response.status}: {message}")
+    return data
+
+
+def _age(seconds: float) -> str:
+    return format_duration(max(seconds, 0))
+
+
+def render_table(approvals: list[dict[str, Any]], now: float) -> str:
+    """The approvals as a fixed-width table, one line each (arguments shortened)."""
+    if not approvals:
+        return "no approvals"
+    rows = [("ID", "STATUS", "UPSTREAM", "TOOL", "AGENT", "AGE", "EXPIRES IN", "ARGUMENTS")]
+    for a in approvals:
+        args = json.dumps(a["arguments"], ensure_ascii=False)
+        expires = _age(a["expires_at"] - now) if a["status"] in ("pending", "approved") else "-"
+        rows.append(
+            (
+                a["id"],
+                a["status"],
+                a["upstream"],
+                a["tool"],
+                a["grant"],
+                _age(now - a["created_at"]),
+                expires,
+                args if len(args) <= 60 else args[:57] + "...",
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = [
+        "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+async def list_approvals(url: str, token: str, status: str | None) -> str:
+    query = f"?status={status}" if status else ""
+    data = await _call(url, token, "GET", f"/api/approvals{query}")
+    return render_table(data["approvals"], datetime.datetime.now(datetime.UTC).timestamp())
+
+
+async def decide(url: str, token: str, approval_id: str, approve: bool, reason: str | None) -> str:
+    verb = "approve" if approve else "deny"
+    data = await _call(url, token, "POST", f"/api/approvals/{approval_id}/{verb}", {"reason": reason})
+    return f"{data['id']}: {data['status']} by {data['decided_by']}" + (f" ({reason})" if reason else "")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)

@@ -1,0 +1,332 @@
+"""The approvals and audit SQL of :class:`approvals.store.sqlite.SqliteStore`.
+
+Each function runs its statements on a connection the caller already holds: ``SqliteStore`` owns
+the lock, the transactions and their durability; this module owns the SQL and the mapping between
+rows and :class:`~approvals.store.records.Approval`. Nothing here validates a request — the store
+checks transitions and field names with the pure functions of ``records`` before calling in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
+
+import aiosqlite
+
+from approvals.store import StoreError
+from approvals.store.records import STATUSES, Approval, AuditEvent, Status
+
+__all__ = [
+    "APPROVALS_SCHEMA",
+    "audit_events",
+    "count_pending",
+    "drop_expired_results",
+    "due_for_expiry",
+    "find_reusable",
+    "get_approval",
+    "insert_approval",
+    "insert_audit",
+    "interrupted_releases",
+    "list_approvals",
+    "next_expiry",
+    "update_fields",
+    "update_status",
+]
+
+# Schema v2. Tables are STRICT so a value of the wrong type is refused rather than stored as text,
+# and the triggers make the rules of the life cycle hold even for SQL that bypasses the store.
+APPROVALS_SCHEMA = """
+CREATE TABLE approvals (
+    id                TEXT    NOT NULL PRIMARY KEY,
+    upstream          TEXT    NOT NULL,
+    tool              TEXT    NOT NULL,
+    arguments_json    TEXT    NOT NULL,
+    args_sha256       TEXT    NOT NULL,
+    tool_json         TEXT    NOT NULL,
+    tool_sha256       TEXT    NOT NULL,
+    grant_name        TEXT    NOT NULL, -- Approval.grant; GRANT is reserved in PostgreSQL
+    owner             TEXT,
+    session_id        TEXT    NOT NULL,
+    rule              TEXT    NOT NULL,
+    explanation       TEXT    NOT NULL,
+    status            TEXT    NOT NULL CHECK (status IN ('pending', 'approved', 'denied', 'expired',
+                                                         'cancelled', 'released', 'completed', 'failed')),
+    created_at        REAL    NOT NULL,
+    expires_at        REAL    NOT NULL,
+    decided_at        REAL,
+    decided_by        TEXT,
+    decided_via       TEXT,
+    reason            TEXT,
+    released_at       REAL,
+    finished_at       REAL,
+    result_json       TEXT,
+    result_expires_at REAL,
+    result_delivered  INTEGER NOT NULL DEFAULT 0 CHECK (result_delivered IN (0, 1)),
+    note              TEXT,
+    version           INTEGER NOT NULL DEFAULT 0
+) STRICT;
+-- The inbox (list by status, newest first), interrupted_releases and count_pending.
+CREATE INDEX approvals_status_created ON approvals (status, created_at, id);
+-- The unfiltered list, newest first, without sorting the whole history for each page.
+CREATE INDEX approvals_created ON approvals (created_at, id);
+-- find_reusable: a repeat call looks up its request, newest first.
+CREATE INDEX approvals_request ON approvals (grant_name, upstream, tool, args_sha256, created_at);
+-- Partial: the expiry task asks only about live records; a full index on expires_at would make
+-- next_expiry walk past every decided record older than the oldest live one.
+CREATE INDEX approvals_live_expiry ON approvals (expires_at) WHERE status IN ('pending', 'approved');
+-- Partial, for the same reason: drop_expired_results looks only at results still kept.
+CREATE INDEX approvals_kept_results ON approvals (result_expires_at) WHERE result_json IS NOT NULL;
+
+-- The edges of records.TRANSITIONS. The store checks them first and compares-and-sets the status;
+-- this catches any other writer. A new edge needs a new migration that replaces this trigger.
+CREATE TRIGGER approvals_legal_moves BEFORE UPDATE OF status ON approvals
+WHEN NOT ((OLD.status = 'pending' AND NEW.status IN ('approved', 'denied', 'expired', 'cancelled'))
+       OR (OLD.status = 'approved' AND NEW.status IN ('released', 'expired', 'pending'))
+       OR (OLD.status = 'released' AND NEW.status IN ('completed', 'failed')))
+BEGIN
+    SELECT RAISE(ABORT, 'illegal approval status change');
+END;
+-- A reviewer approves exactly what was asked: the request itself is never rewritten.
+CREATE TRIGGER approvals_request_is_fixed
+BEFORE UPDATE OF id, upstream, tool, arguments_json, args_sha256, grant_name, owner, created_at
+ON approvals
+BEGIN
+    SELECT RAISE(ABORT, 'the request of an approval never changes');
+END;
+
+CREATE TABLE audit (
+    -- AUTOINCREMENT: a seq is never reused, so a reader paging with after_seq never misses a row.
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          REAL    NOT NULL,
+    approval_id TEXT    NOT NULL REFERENCES approvals (id),
+    event       TEXT    NOT NULL,
+    actor       TEXT    NOT NULL,
+    channel     TEXT    NOT NULL,
+    args_sha256 TEXT    NOT NULL,
+    detail      TEXT
+) STRICT;
+CREATE INDEX audit_approval ON audit (approval_id, seq);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only');
+END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only');
+END;
+"""
+
+_FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(Approval))
+_COLUMN: Mapping[str, str] = {name: "grant_name" if name == "grant" else name for name in _FIELDS}
+_SELECT = ", ".join(_COLUMN[name] for name in _FIELDS)
+# UPDATE … RETURNING hands back a whole-number REAL as an int (SQLite stores such values compactly
+# and RETURNING skips the conversion a SELECT does), so these are made floats again on the way out.
+_REAL_FIELDS = frozenset(
+    {"created_at", "expires_at", "decided_at", "released_at", "finished_at", "result_expires_at"}
+)
+_LIVE = "status IN ('pending', 'approved')"  # spelled as in approvals_live_expiry so it is used
+_AUDIT_COLUMNS = "seq, at, approval_id, event, actor, channel, args_sha256, detail"
+
+
+async def insert_approval(conn: aiosqlite.Connection, approval: Approval) -> None:
+    """Insert a new record (a duplicate id fails)."""
+    values = dataclasses.astuple(approval)
+    marks = ", ".join("?" * len(values))
+    await conn.execute(f"INSERT INTO approvals ({_SELECT}) VALUES ({marks})", values)  # noqa: S608
+
+
+async def insert_audit(
+    conn: aiosqlite.Connection,
+    *,
+    at: float,
+    approval_id: str,
+    event: str,
+    actor: str,
+    channel: str,
+    args_sha256: str,
+    detail: str | None,
+) -> None:
+    """Append one audit event."""
+    await conn.execute(
+        "INSERT INTO audit (at, approval_id, event, actor, channel, args_sha256, detail)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (at, approval_id, event, actor, channel, args_sha256, detail),
+    )
+
+
+async def get_approval(conn: aiosqlite.Connection, approval_id: str) -> Approval | None:
+    """The record with this id, or None."""
+    return _one(await _fetch(conn, f"SELECT {_SELECT} FROM approvals WHERE id = ?", (approval_id,)))  # noqa: S608
+
+
+async def list_approvals(
+    conn: aiosqlite.Connection,
+    *,
+    status: Status | None,
+    upstream: str | None,
+    tool: str | None,
+    grant: str | None,
+    limit: int,
+    offset: int,
+) -> list[Approval]:
+    """Records matching every given filter, newest first (created_at, then id, descending)."""
+    # Column names come from this fixed mapping, never from the caller; values are bound.
+    given = {"status": status, "upstream": upstream, "tool": tool, "grant": grant}
+    filters = {_COLUMN[name]: value for name, value in given.items() if value is not None}
+    where = " AND ".join(f"{column} = ?" for column in filters) or "1"
+    rows = await _fetch(
+        conn,
+        f"SELECT {_SELECT} FROM approvals WHERE {where}"  # noqa: S608
+        " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+        (*filters.values(), limit, offset),
+    )
+    return [_approval(row) for row in rows]
+
+
+async def find_reusable(
+    conn: aiosqlite.Connection, *, grant: str, upstream: str, tool: str, args_sha256: str, now: float
+) -> Approval | None:
+    """The newest record of this request that a repeat call should attach to, or None."""
+    # A finished record counts only while its outcome is still to be told: a kept, undelivered
+    # result, or a denial/expiry within its keep window. A NULL result_expires_at never matches,
+    # so a record without a keep window leads to a new request — never to an unreviewed call.
+    return _one(
+        await _fetch(
+            conn,
+            f"SELECT {_SELECT} FROM approvals"  # noqa: S608
+            " WHERE grant_name = ? AND upstream = ? AND tool = ? AND args_sha256 = ?"
+            " AND (status IN ('pending', 'approved', 'released')"
+            "      OR (status IN ('completed', 'failed') AND result_json IS NOT NULL"
+            "          AND result_delivered = 0 AND result_expires_at > ?)"
+            "      OR (status IN ('denied', 'expired') AND result_expires_at > ?))"
+            " ORDER BY created_at DESC, id DESC LIMIT 1",
+            (grant, upstream, tool, args_sha256, now, now),
+        )
+    )
+
+
+async def count_pending(conn: aiosqlite.Connection, grant: str) -> int:
+    """How many records of this grant await a decision."""
+    cursor = await conn.execute(
+        "SELECT count(*) FROM approvals WHERE status = 'pending' AND grant_name = ?", (grant,)
+    )
+    row = await cursor.fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+async def update_status(
+    conn: aiosqlite.Connection,
+    approval_id: str,
+    *,
+    from_: Collection[Status],
+    to: Status,
+    fields: Mapping[str, object],
+) -> Approval | None:
+    """Compare-and-set: move the record to ``to`` if its status is in ``from_``; the new record or None."""
+    sets = ["status = ?", "version = version + 1", *(f"{_COLUMN[name]} = ?" for name in fields)]
+    sources = sorted(set(from_))
+    rows = await _fetch(
+        conn,
+        f"UPDATE approvals SET {', '.join(sets)}"  # noqa: S608
+        f" WHERE id = ? AND status IN ({', '.join('?' * len(sources))}) RETURNING {_SELECT}",
+        (to, *fields.values(), approval_id, *sources),
+    )
+    return _one(rows)
+
+
+async def update_fields(conn: aiosqlite.Connection, approval_id: str, fields: Mapping[str, object]) -> None:
+    """Set the given (already checked) columns; no status, version or audit change."""
+    if not fields:
+        return
+    sets = ", ".join(f"{_COLUMN[name]} = ?" for name in fields)
+    await conn.execute(f"UPDATE approvals SET {sets} WHERE id = ?", (*fields.values(), approval_id))  # noqa: S608
+
+
+async def due_for_expiry(conn: aiosqlite.Connection, now: float) -> list[Approval]:
+    """Pending or approved records whose ``expires_at <= now``, soonest first."""
+    rows = await _fetch(
+        conn,
+        f"SELECT {_SELECT} FROM approvals WHERE {_LIVE} AND expires_at <= ? ORDER BY expires_at, id",  # noqa: S608
+        (now,),
+    )
+    return [_approval(row) for row in rows]
+
+
+async def interrupted_releases(conn: aiosqlite.Connection) -> list[Approval]:
+    """Records left in ``released``, oldest first."""
+    rows = await _fetch(
+        conn,
+        f"SELECT {_SELECT} FROM approvals WHERE status = 'released' ORDER BY created_at, id",  # noqa: S608
+        (),
+    )
+    return [_approval(row) for row in rows]
+
+
+async def next_expiry(conn: aiosqlite.Connection) -> float | None:
+    """The earliest ``expires_at`` among live records, or None."""
+    cursor = await conn.execute(f"SELECT min(expires_at) FROM approvals WHERE {_LIVE}")  # noqa: S608
+    row = await cursor.fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+async def drop_expired_results(conn: aiosqlite.Connection, now: float, note: str) -> int:
+    """Clear every kept result whose keep window has ended; how many were cleared."""
+    cursor = await conn.execute(
+        "UPDATE approvals SET result_json = NULL, note = ?"
+        " WHERE result_json IS NOT NULL AND result_expires_at <= ?",
+        (note, now),
+    )
+    return cursor.rowcount
+
+
+async def audit_events(
+    conn: aiosqlite.Connection, *, approval_id: str | None, after_seq: int, limit: int
+) -> list[AuditEvent]:
+    """Audit events after ``after_seq`` (of one approval, or all), oldest first."""
+    if approval_id is None:
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?"  # noqa: S608
+        params: tuple[object, ...] = (after_seq, limit)
+    else:
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE approval_id = ? AND seq > ? ORDER BY seq LIMIT ?"  # noqa: S608
+        params = (approval_id, after_seq, limit)
+    rows = await _fetch(conn, sql, params)
+    return [
+        AuditEvent(
+            seq=int(seq),
+            at=float(at),
+            approval_id=str(approval),
+            event=str(event),
+            actor=str(actor),
+            channel=str(channel),
+            args_sha256=str(digest),
+            detail=None if detail is None else str(detail),
+        )
+        for seq, at, approval, event, actor, channel, digest, detail in rows
+    ]
+
+
+async def _fetch(conn: aiosqlite.Connection, sql: str, params: Iterable[object]) -> list[Any]:
+    # fetchall also steps an UPDATE … RETURNING to its end, so the statement is finished before
+    # the caller commits.
+    cursor = await conn.execute(sql, tuple(params))
+    try:
+        return list(await cursor.fetchall())
+    finally:
+        await cursor.close()
+
+
+def _one(rows: list[Any]) -> Approval | None:
+    return _approval(rows[0]) if rows else None
+
+
+def _approval(row: Any) -> Approval:
+    values: dict[str, Any] = dict(zip(_FIELDS, row, strict=True))
+    if values["status"] not in STATUSES:
+        # Failing closed: a state this code does not know is never acted on.
+        raise StoreError(f"approval {values['id']!r} has unknown status {values['status']!r}")
+    values["result_delivered"] = bool(values["result_delivered"])
+    for name in _REAL_FIELDS:
+        if values[name] is not None:
+            values[name] = float(values[name])
+    return Approval(**values)

@@ -1,0 +1,220 @@
+"""The reviewers' JSON API: list, read and decide approvals; read the audit log.
+
+    GET  /api/approvals?status=&upstream=&tool=&grant=&limit=&offset=   newest first
+    GET  /api/approvals/{id}
+    POST /api/approvals/{id}/approve   {"reason": "…"} optional
+    POST /api/approvals/{id}/deny      {"reason": "…"}
+    GET  /api/audit?approval_id=&after=&limit=
+
+`Authorization: Bearer <reviewer token>`. 401 without a known token, 403 for a token that is not a
+reviewer's and for a reviewer deciding their own agent's call, 404 unknown id, 409 already decided
+(the body names the decision and who took it).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from approvals.auth import TokenIndex, bearer_token
+from approvals.config import Principal
+from approvals.queue import ApprovalQueue, DecisionError
+from approvals.store import StoreError
+from approvals.store.records import STATUSES, Approval, AuditEvent
+from approvals.web.keys import GATEKEEPER, GRANTS, REVIEWERS
+
+MAX_REASON = 2000
+MAX_PAGE = 500
+
+
+def approval_json(approval: Approval) -> dict[str, Any]:
+    """An approval as the API shows it: arguments, tool definition and kept result as JSON values."""
+    record = {
+        "id": approval.id,
+        "status": approval.status,
+        "upstream": approval.upstream,
+        "tool": approval.tool,
+        "arguments": json.loads(approval.arguments_json),
+        "args_sha256": approval.args_sha256,
+        "tool_definition": json.loads(approval.tool_json) if approval.tool_json else None,
+        "tool_sha256": approval.tool_sha256,
+        "grant": approval.grant,
+        "owner": approval.owner,
+        "rule": approval.rule,
+        "explanation": approval.explanation,
+        "created_at": approval.created_at,
+        "expires_at": approval.expires_at,
+        "decided_at": approval.decided_at,
+        "decided_by": approval.decided_by,
+        "decided_via": approval.decided_via,
+        "reason": approval.reason,
+        "released_at": approval.released_at,
+        "finished_at": approval.finished_at,
+        "result": json.loads(approval.result_json) if approval.result_json else None,
+        "note": approval.note,
+    }
+    return record
+
+
+def _event_json(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "at": event.at,
+        "approval_id": event.approval_id,
+        "event": event.event,
+        "actor": event.actor,
+        "channel": event.channel,
+        "args_sha256": event.args_sha256,
+        "detail": event.detail,
+    }
+
+
+def _error(http_status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=http_status)
+
+
+def _reviewer(request: web.Request) -> Principal | web.Response:
+    token = bearer_token(request.headers.get("Authorization"))
+    reviewer = request.app[REVIEWERS].find(token)
+    if reviewer is not None:
+        return reviewer
+    if request.app[GRANTS].find(token) is not None:
+        return _error(403, "this token belongs to an agent (a grant), not a reviewer")
+    return web.json_response(
+        {"error": "a reviewer token is required: Authorization: Bearer <token>"},
+        status=401,
+        headers={"WWW-Authenticate": 'Bearer realm="approvals"'},
+    )
+
+
+def _queue(request: web.Request) -> ApprovalQueue | web.Response:
+    queue = request.app[GATEKEEPER].queue
+    return queue if queue is not None else _error(503, "the approval queue is not running")
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"{name} must be an integer"}), content_type="application/json"
+        ) from None
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"{name} must be from {low} to {high}"}),
+            content_type="application/json",
+        )
+    return value
+
+
+async def list_approvals(request: web.Request) -> web.Response:
+    reviewer, queue = _reviewer(request), _queue(request)
+    if isinstance(reviewer, web.Response):
+        return reviewer
+    if isinstance(queue, web.Response):
+        return queue
+    status = request.query.get("status") or None
+    if status is not None and status not in STATUSES:
+        return _error(400, f"status must be one of {', '.join(STATUSES)}")
+    limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
+    offset = _int_param(request, "offset", 0, 0, 10**9)
+    approvals = await queue.store.list_approvals(
+        status=status,
+        upstream=request.query.get("upstream") or None,
+        tool=request.query.get("tool") or None,
+        grant=request.query.get("grant") or None,
+        limit=limit,
+        offset=offset,
+    )
+    return web.json_response(
+        {"approvals": [approval_json(a) for a in approvals], "limit": limit, "offset": offset}
+    )
+
+
+async def get_approval(request: web.Request) -> web.Response:
+    reviewer, queue = _reviewer(request), _queue(request)
+    if isinstance(reviewer, web.Response):
+        return reviewer
+    if isinstance(queue, web.Response):
+        return queue
+    approval = await queue.store.get_approval(request.match_info["id"])
+    if approval is None:
+        return _error(404, f"no approval {request.match_info['id']!r}")
+    return web.json_response(approval_json(approval))
+
+
+async def _decide(request: web.Request, approve: bool) -> web.Response:
+    reviewer, queue = _reviewer(request), _queue(request)
+    if isinstance(reviewer, web.Response):
+        return reviewer
+    if isinstance(queue, web.Response):
+        return queue
+    reason: str | None = None
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, 'the body must be JSON, e.g. {"reason": "…"}')
+        raw = body.get("reason") if isinstance(body, dict) else None
+        if raw is not None and not isinstance(raw, str):
+            return _error(400, "reason must be a string")
+        reason = raw.strip()[:MAX_REASON] if raw else None
+    try:
+        decided = await queue.decide(
+            request.match_info["id"], reviewer, approve=approve, reason=reason, channel="api"
+        )
+    except DecisionError as exc:
+        extra: dict[str, Any] = {}
+        if exc.approval is not None and exc.status == 409:
+            extra = {
+                "status": exc.approval.status,
+                "decided_by": exc.approval.decided_by,
+                "approval": approval_json(exc.approval),
+            }
+        return _error(exc.status, str(exc), **extra)
+    return web.json_response(approval_json(decided))
+
+
+async def approve(request: web.Request) -> web.Response:
+    return await _decide(request, True)
+
+
+async def deny(request: web.Request) -> web.Response:
+    return await _decide(request, False)
+
+
+async def audit(request: web.Request) -> web.Response:
+    reviewer, queue = _reviewer(request), _queue(request)
+    if isinstance(reviewer, web.Response):
+        return reviewer
+    if isinstance(queue, web.Response):
+        return queue
+    events = await queue.store.audit_events(
+        approval_id=request.query.get("approval_id") or None,
+        after_seq=_int_param(request, "after", 0, 0, 2**62),
+        limit=_int_param(request, "limit", 100, 1, 1000),
+    )
+    return web.json_response({"events": [_event_json(e) for e in events]})
+
+
+@web.middleware
+async def store_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A store failure is a 503 with what failed, never a stack trace; and nothing was decided."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except StoreError as exc:
+        return _error(503, f"the approval store is unavailable: {exc}")
+
+
+def add_routes(app: web.Application, reviewers: TokenIndex) -> None:
+    app[REVIEWERS] = reviewers
+    app.router.add_get("/api/approvals", list_approvals)
+    app.router.add_get("/api/approvals/{id}", get_approval)
+    app.router.add_post("/api/approvals/{id}/approve", approve)
+    app.router.add_post("/api/approvals/{id}/deny", deny)
+    app.router.add_get("/api/audit", audit)
