@@ -5,8 +5,9 @@
 
 `block` runs until it is cancelled and `await_mark` waits for it to start or to be cancelled, so
 a test can see, without polling, that a client's cancellation reached the upstream; `headers`
-returns the HTTP headers the upstream received (credential checks); `exit_now` kills the
-process mid-call; `ask_roots` asks the client for its roots (a server-to-client request).
+returns the HTTP headers the upstream received (credential checks); `redefine_echo` changes a
+tool's definition; `exit_now` kills the process mid-call; `ask_roots` asks the client for its
+roots (a server-to-client request).
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ async def await_mark(key: str, mark: str) -> str:
     except TimeoutError:
         return "timeout"
     return mark
+
+
+@server.tool()
+async def redefine_echo(description: str) -> str:
+    """Replace the echo tool's definition (same behaviour, new description), as a server update would."""
+    server.remove_tool("echo")
+    server.add_tool(echo, name="echo", description=description)
+    return "redefined"
 
 
 @server.tool()
