@@ -13,7 +13,8 @@ from approvals.proxy.gate import Gate
 from approvals.proxy.gateway import Gateway
 from approvals.proxy.handlers import add_routes
 from approvals.store.sqlite import SqliteStore
-from approvals.web import api
+from approvals.channels import slack
+from approvals.web import api, inbox
 from approvals.web.keys import GATEKEEPER, GATEWAY, GRANTS, SETTINGS
 from approvals.web.origin import allowed_hostnames, origin_middleware
 
@@ -38,6 +39,9 @@ def create_app(settings: Settings, gate: Gate | None = None) -> web.Application:
     if isinstance(gate, Gatekeeper):
         app[GATEKEEPER] = gate
         api.add_routes(app, TokenIndex(settings.reviewers))
+        inbox.setup(app, settings, gate)
+        if settings.slack is not None:
+            slack.setup(app, settings, gate)
     app.router.add_get("/healthz", healthz)
     return app
 
