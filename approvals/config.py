@@ -100,6 +100,7 @@ class SlackSettings:
     signing_secret: str = field(repr=False)
     app_token: str | None = field(repr=False)
     api_url: str | None
+    team_id: str | None = None  # when set, clicks from any other Slack workspace are refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,7 +442,7 @@ def _read_slack(r: _Reader, data: Mapping[str, Any]) -> SlackSettings | None:
     if not isinstance(data["slack"], dict):
         r.error("slack", f"must be a table ([slack] with channel and mode), not {_kind(data['slack'])}")
         return None
-    t = r.table(data, "", "slack", {"channel", "mode", "api_url"})
+    t = r.table(data, "", "slack", {"channel", "mode", "api_url", "team_id"})
     mode = r.get(t, "slack", "mode", "http", _string)
     if mode not in ("http", "socket"):
         r.error("slack.mode", f'must be "http" or "socket" (got {mode!r})')
@@ -460,6 +461,7 @@ def _read_slack(r: _Reader, data: Mapping[str, Any]) -> SlackSettings | None:
         signing_secret=r.env.get("SLACK_SIGNING_SECRET", ""),
         app_token=r.env.get("SLACK_APP_TOKEN"),
         api_url=r.get(t, "slack", "api_url", None, _http_url),
+        team_id=r.get(t, "slack", "team_id", None, _string),
     )
 
 

@@ -144,7 +144,7 @@ class ApprovalQueue:
         self._expiry: asyncio.Task[None] | None = None
 
     def url_of(self, approval_id: str) -> str:
-        return f"{self.settings.server.public_url}/api/approvals/{approval_id}"
+        return f"{self.settings.server.public_url}/inbox/approvals/{approval_id}"
 
     # ---- start and stop --------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,15 +69,15 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-async def run_cli(cwd: Path, *args: str) -> tuple[int, str, str]:
-    """Run `approvals ARGS` to completion: (exit status, stdout, stderr)."""
+async def run_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run `approvals ARGS` (with `env` added) to completion: (exit status, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "approvals",
         *args,
         cwd=cwd,
-        env=_environment(),
+        env={**_environment(), **(env or {})},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -136,9 +136,14 @@ async def _drain(stream: asyncio.StreamReader, into: list[str]) -> None:
         into.append(line.decode(errors="replace").rstrip("\n"))
 
 
+def _dev_banner_end(line: str) -> bool:
+    return line == BANNER_END
+
+
 @asynccontextmanager
-async def serving(cwd: Path) -> AsyncIterator[Served]:
-    """`approvals serve --port 0` in `cwd`, yielded once its whole banner is out; killed at the end."""
+async def serving(cwd: Path, banner_end: Callable[[str], bool] = _dev_banner_end) -> AsyncIterator[Served]:
+    """`approvals serve --port 0` in `cwd`, yielded once its whole banner is out (its last line
+    satisfies `banner_end`; by default the development banner's); killed at the end."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -159,7 +164,7 @@ async def serving(cwd: Path) -> AsyncIterator[Served]:
     # Always read stderr: the gateway logs there, and a full pipe would stall it.
     drain = asyncio.create_task(_drain(process.stderr, served.stderr))
     try:
-        while not served.banner or served.banner[-1] != BANNER_END:
+        while not served.banner or not banner_end(served.banner[-1]):
             line = await asyncio.wait_for(process.stdout.readline(), WAIT)
             assert line, f"serve ended before its banner: {served.banner}, stderr: {served.stderr}"
             served.banner.append(line.decode().rstrip("\n"))
