@@ -27,9 +27,11 @@ tests/node/node_modules/.installed: tests/node/package-lock.json
 run: $(VENV)/.run-installed
 	$(BIN)/approvals serve --config config/gateway.toml
 
+LINTED := approvals tests $(wildcard bench)
+
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check approvals tests bench
-	$(BIN)/ruff format --check approvals tests bench
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
 test: $(VENV)/.test-installed tests/node/node_modules/.installed lint
