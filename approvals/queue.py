@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 KEEP_RESULT_SECONDS = 3600.0
 KEEP_RESULT_BYTES = 1024 * 1024
+EXPIRY_RETRY_SECONDS = 1.0
 K = TypeVar("K", bound=Hashable)
 _PENDING: tuple[Status, ...] = ("pending",)
 _APPROVED: tuple[Status, ...] = ("approved",)
@@ -425,17 +426,22 @@ class ApprovalQueue:
 
     async def _expire_forever(self) -> None:
         while True:
-            next_at = await self.store.next_expiry()
-            timeout = None if next_at is None else max(next_at - self.clock(), 0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            self._wakeup.clear()
-            now = self.clock()
-            for approval in await self.store.due_for_expiry(now):
-                await self._finish(
-                    approval, approval.status, "expired", reason="no decision before the timeout"
-                )
-            await self.store.drop_expired_results(now)
+            try:
+                await self._expire_due()
+            except Exception:  # the task must outlive a store hiccup, or nothing would ever expire
+                log.exception("expiring approvals failed; trying again shortly")
+                await asyncio.sleep(EXPIRY_RETRY_SECONDS)
+
+    async def _expire_due(self) -> None:
+        next_at = await self.store.next_expiry()
+        timeout = None if next_at is None else max(next_at - self.clock(), 0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        self._wakeup.clear()
+        now = self.clock()
+        for approval in await self.store.due_for_expiry(now):
+            await self._finish(approval, approval.status, "expired", reason="no decision before the timeout")
+        await self.store.drop_expired_results(now)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

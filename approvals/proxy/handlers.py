@@ -15,8 +15,10 @@ from aiohttp import web
 
 from approvals.auth import bearer_token
 from approvals.config import Principal
+from approvals.errors import ApprovalsError
 from approvals.jsonrpc import (
     HANDSHAKE_VERSIONS,
+    INTERNAL_ERROR,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     UPSTREAM_UNAVAILABLE,
@@ -33,6 +35,7 @@ from approvals.proxy.gateway import Gateway
 from approvals.proxy.hold import stream_hold
 from approvals.proxy.session import Exchange, Session
 from approvals.proxy.sse import SSE_HEADERS, encode_comment, encode_event
+from approvals.store import StoreError
 from approvals.web.keys import GATEWAY, GRANTS
 
 log = logging.getLogger(__name__)
@@ -158,7 +161,14 @@ async def _request(
         name, arguments = params.get("name"), params.get("arguments", {})
         if isinstance(name, str) and isinstance(arguments, dict):
             call = ToolCall(session.upstream_name, session.grant, session.id, name, arguments)
-            admission = await gateway.gate.admit(call)
+            try:
+                admission = await gateway.gate.admit(call)
+            except (ApprovalsError, StoreError) as exc:
+                # Fail closed: a call that could not be checked is not forwarded.
+                log.exception("could not admit %s on %s", name, session.upstream_name)
+                return rpc_error(
+                    500, INTERNAL_ERROR, f"the gateway could not check this call: {exc}", message.id
+                )
             if admission.hold is not None:
                 hold_seconds = gateway.settings.approvals.hold_seconds
                 return await stream_hold(request, session, message, admission.hold, hold_seconds)
