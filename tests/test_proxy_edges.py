@@ -10,7 +10,15 @@ import aiohttp
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from approvals.jsonrpc import INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, UPSTREAM_UNAVAILABLE
+from approvals.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    UPSTREAM_UNAVAILABLE,
+)
+from approvals.proxy.gate import Admission, AllowAll, ToolCall
+from approvals.store import StoreError
 from approvals.web.keys import GATEWAY
 from tests.conftest import PROBE_COMMAND, TOKEN_A, TOKEN_B, StartGateway, mcp_client, probe_http
 from tests.rawmcp import RawSession
@@ -219,3 +227,20 @@ async def test_healthz_reports_ok(start_gateway: StartGateway, http: Any) -> Non
     async with http.get(f"{gw.base}/healthz") as response:
         assert response.status == 200
         assert await response.json() == {"status": "ok", "sessions": 0, "upstreams": ["probe"]}
+
+
+class _BrokenGate(AllowAll):
+    """A gate whose store fails: the in-memory stand-in for a disk that went away."""
+
+    async def admit(self, call: ToolCall) -> Admission:
+        raise StoreError("database is locked")
+
+
+async def test_a_call_that_cannot_be_checked_is_not_forwarded(start_gateway: StartGateway) -> None:
+    """Fail closed: when the gate cannot decide, the client gets a JSON-RPC error and the upstream nothing."""
+    gw = await start_gateway(PROBE, gate=_BrokenGate())
+    async with mcp_client(gw.url("probe")) as client:
+        with pytest.raises(MCPError) as caught:
+            await client.call_tool("echo", {"text": "should not pass"})
+    assert caught.value.error.code == INTERNAL_ERROR
+    assert "database is locked" in caught.value.error.message
