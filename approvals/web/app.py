@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from approvals.auth import TokenIndex
+from approvals.channels import slack
 from approvals.config import Settings
 from approvals.gatekeeper import Gatekeeper
 from approvals.proxy.gate import Gate
 from approvals.proxy.gateway import Gateway
 from approvals.proxy.handlers import add_routes
 from approvals.store.sqlite import SqliteStore
-from approvals.channels import slack
 from approvals.web import api, inbox
 from approvals.web.keys import GATEKEEPER, GATEWAY, GRANTS, SETTINGS
 from approvals.web.origin import allowed_hostnames, origin_middleware
