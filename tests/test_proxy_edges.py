@@ -244,3 +244,21 @@ async def test_a_call_that_cannot_be_checked_is_not_forwarded(start_gateway: Sta
             await client.call_tool("echo", {"text": "should not pass"})
     assert caught.value.error.code == INTERNAL_ERROR
     assert "database is locked" in caught.value.error.message
+
+
+@pytest.mark.parametrize("version", ["2025-03-26", "2025-06-18", "2025-11-25"])
+async def test_each_handshake_version_works_with_and_without_the_version_header(
+    start_gateway: StartGateway, http: Any, version: str
+) -> None:
+    """The negotiated version is passed through; a missing MCP-Protocol-Version header is accepted."""
+    gw = await start_gateway(PROBE)
+    raw = RawSession(http, gw.url("probe"), token=TOKEN_A, version=version)
+    assert (await raw.initialize())["protocolVersion"] == version
+    assert (await raw.notify("notifications/progress", {"progressToken": "x", "progress": 1})).status == 202
+    reply = await raw.request("tools/call", {"name": "echo", "arguments": {"text": version}})
+    assert reply.last["result"]["content"][0]["text"] == version
+    headers = {k: v for k, v in raw.headers().items() if k != "MCP-Protocol-Version"}
+    async with http.post(
+        raw.url, json={"jsonrpc": "2.0", "id": 99, "method": "ping"}, headers=headers
+    ) as resp:
+        assert resp.status == 200
