@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=DEFAULT_CONFIG, help="gateway.toml (default: %(default)s)"
     )
     commands.add_parser("token", help="print a new random token and its sha256 (for token_sha256 = ...)")
-    url_help = "the gateway's URL (default: $APPROVALS_URL or %(default)s); token from $APPROVALS_TOKEN"
+    url_help = f"the gateway's URL (default: $APPROVALS_URL or {DEFAULT_URL}); token from $APPROVALS_TOKEN"
     listing = commands.add_parser("list", help="list approvals of a running gateway")
     listing.add_argument("--status", default="pending", help="pending (default), approved, denied, …, or all")
     approve = commands.add_parser("approve", help="approve a pending call")
@@ -83,13 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     deny.add_argument("id")
     deny.add_argument("--reason", required=True, help="why (the agent is told)")
     for command in (listing, approve, deny):
-        command.add_argument("--url", default=DEFAULT_URL, help=url_help)
+        command.add_argument("--url", help=url_help)
     return parser
 
 
 def _review(args: argparse.Namespace) -> None:
     url_env, token = reviewer_environment()
-    url = url_env if url_env and args.url == DEFAULT_URL else args.url
+    url = args.url or url_env or DEFAULT_URL
     if not token:
         review_client.fail("set APPROVALS_TOKEN to your reviewer token")
     assert token is not None

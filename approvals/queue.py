@@ -410,7 +410,9 @@ class ApprovalQueue:
         outcome = {k: v for k, v in response.items() if k not in ("id", "jsonrpc")} if response else None
         if outcome is None:
             outcome = final_outcome(approval)
-            if approval.result_json is None and approval.status in ("denied", "expired"):
+            # Kept so the repeat call gets this answer instead of opening a new request; for an
+            # interrupted release that matters most: a new request, approved, would run it twice.
+            if approval.result_json is None and approval.status in ("denied", "expired", "failed"):
                 await self.store.update_fields(
                     approval.id,
                     result_json=encode_outcome(outcome),

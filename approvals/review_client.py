@@ -6,6 +6,7 @@ import datetime
 import json
 import sys
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -18,12 +19,15 @@ class ReviewError(Exception):
     """The gateway refused or could not be reached; the message says which and why."""
 
 
-async def _call(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
+async def _call(
+    url: str, token: str, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+) -> Any:
     headers = {"Authorization": f"Bearer {token}"}
+    target = f"{url.rstrip('/')}{path}"
     try:
         async with (
             aiohttp.ClientSession(timeout=TIMEOUT) as http,
-            http.request(method, f"{url.rstrip('/')}{path}", json=body, headers=headers) as response,
+            http.request(method, target, json=body, headers=headers, params=params) as response,
         ):
             try:
                 data = await response.json(content_type=None)
@@ -32,8 +36,9 @@ async def _call(url: str, token: str, method: str, path: str, body: Any = None) 
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise ReviewError(f"cannot reach the gateway at {url}: {exc or type(exc).__name__}") from None
     if response.status >= 400:
-        message = data.get("error", f"HTTP {response.status}") if isinstance(data, dict) else str(data)
-        raise ReviewError(f"{response.status}: {message}")
+        message = str(data.get("error", "")) if isinstance(data, dict) else str(data)
+        prefix = f"{response.status}: "
+        raise ReviewError(message if message.startswith(prefix) else prefix + (message or "HTTP error"))
     return data
 
 
@@ -70,14 +75,15 @@ def render_table(approvals: list[dict[str, Any]], now: float) -> str:
 
 
 async def list_approvals(url: str, token: str, status: str | None) -> str:
-    query = f"?status={status}" if status else ""
-    data = await _call(url, token, "GET", f"/api/approvals{query}")
+    data = await _call(url, token, "GET", "/api/approvals", params={"status": status} if status else None)
     return render_table(data["approvals"], datetime.datetime.now(datetime.UTC).timestamp())
 
 
 async def decide(url: str, token: str, approval_id: str, approve: bool, reason: str | None) -> str:
     verb = "approve" if approve else "deny"
-    data = await _call(url, token, "POST", f"/api/approvals/{approval_id}/{verb}", {"reason": reason})
+    # Quoted whole: an id like "X/deny?" must not turn an approve into another request.
+    path = f"/api/approvals/{quote(approval_id, safe='')}/{verb}"
+    data = await _call(url, token, "POST", path, {"reason": reason})
     return f"{data['id']}: {data['status']} by {data['decided_by']}" + (f" ({reason})" if reason else "")
 
 
