@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check lint bench clean
+.PHONY: run test check lint bench clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,16 @@ lint: $(VENV)/.test-installed
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
-test: $(VENV)/.test-installed tests/node/node_modules/.installed lint
+# The inbox's browser tests drive Debian's Chromium (Playwright's own browser download is not used).
+chromium:
+	command -v chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
+test: $(VENV)/.test-installed tests/node/node_modules/.installed chromium lint
 	$(BIN)/python -m pytest -q
+
+# The benchmark (bench/run.py): the gateway beside a direct connection, FastMCP's proxy and mcp-proxy.
+bench: $(VENV)/.test-installed
+	$(BIN)/python bench/run.py
 
 check: $(VENV)/.run-installed
 	$(BIN)/approvals check --config config/gateway.toml

@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ from aiohttp import web
 from approvals import review_client
 from approvals.config import (
     MIN_TOKEN_LENGTH,
+    SESSION_SECRET_ENV,
     Principal,
     Settings,
     load_settings,
@@ -33,6 +35,7 @@ from approvals.config import (
 from approvals.errors import ConfigError
 from approvals.gatekeeper import build_gate, check_policies
 from approvals.web.app import create_app
+from approvals.web.inbox_auth import LINK_SECONDS, InboxAuth
 from approvals.web.origin import LOOPBACK_NAMES
 
 DEFAULT_CONFIG = Path("config/gateway.toml")
@@ -73,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=DEFAULT_CONFIG, help="gateway.toml (default: %(default)s)"
     )
     commands.add_parser("token", help="print a new random token and its sha256 (for token_sha256 = ...)")
+    link = commands.add_parser(
+        "login-link",
+        help="print a one-time inbox login link (needs the gateway's APPROVALS_SESSION_SECRET)",
+    )
+    link.add_argument("reviewer", help="the name of a [[reviewers]] entry")
+    link.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help="gateway.toml (default: %(default)s)"
+    )
     url_help = f"the gateway's URL (default: $APPROVALS_URL or {DEFAULT_URL}); token from $APPROVALS_TOKEN"
     listing = commands.add_parser("list", help="list approvals of a running gateway")
     listing.add_argument("--status", default="pending", help="pending (default), approved, denied, …, or all")
@@ -125,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "check":
         print(f"{args.config}: OK ({len(settings.upstreams)} upstream(s), {len(settings.grants)} grant(s))")
         return
+    if args.command == "login-link":
+        _login_link(settings, args.reviewer)
+        return
     server = dataclasses.replace(
         settings.server,
         host=args.host if args.host is not None else settings.server.host,
@@ -143,6 +157,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(asyncio.run(_serve(settings, dev_tokens)))
     except KeyboardInterrupt:  # Ctrl-C before the gateway was listening
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _login_link(settings: Settings, name: str) -> None:
+    """Print a link that logs `name` in to the inbox once, within ten minutes.
+
+    The link is signed with APPROVALS_SESSION_SECRET, so the running gateway must have the same one.
+    """
+    secret = settings.inbox.session_secret
+    if secret is None:
+        print(
+            f"error: login links need {SESSION_SECRET_ENV} set to the same value as the running gateway's",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    if not settings.reviewers:  # the development reviewer of `approvals serve`
+        settings, _ = _with_dev_credentials(settings)
+    reviewer = next((r for r in settings.reviewers if r.name == name), None)
+    if reviewer is None:
+        known = ", ".join(r.name for r in settings.reviewers)
+        print(f"error: no reviewer named {name!r} (reviewers: {known})", file=sys.stderr)
+        sys.exit(1)
+    auth = InboxAuth(settings.reviewers, secret, settings.inbox.session_hours)
+    token = auth.mint_link(reviewer, time.time())
+    print(f"{settings.server.public_url}/inbox/login/link?t={token}")
+    minutes = LINK_SECONDS / 60
+    print(f"(for {reviewer.name}; it works once, for the next {minutes:.0f} minutes)", file=sys.stderr)
 
 
 def _reason(exc: OSError) -> str:

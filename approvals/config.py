@@ -33,6 +33,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
 _SLACK_SECRETS = ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN")
 _CLI_SECRETS = ("APPROVALS_TOKEN",)  # the reviewer token `approvals list|approve|deny` use
+# Signs the inbox's session cookies and login links: whoever holds it can log in as any reviewer.
+SESSION_SECRET_ENV = "APPROVALS_SESSION_SECRET"  # noqa: S105 -- the variable's name
+MIN_SESSION_SECRET_LENGTH = 32
 MIN_TOKEN_LENGTH = 16
 T = TypeVar("T")
 
@@ -104,6 +107,15 @@ class SlackSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class InboxSettings:
+    """The web inbox: how long a login lasts, and the key its session cookies are signed with."""
+
+    session_hours: float = 8.0  # sliding: a session ends after this long without a request
+    # From APPROVALS_SESSION_SECRET; None: a random key per process (sessions end on restart).
+    session_secret: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     source: Path
     server: ServerSettings
@@ -113,6 +125,7 @@ class Settings:
     grants: tuple[Principal, ...]
     reviewers: tuple[Principal, ...]
     slack: SlackSettings | None = None
+    inbox: InboxSettings = InboxSettings()
 
 
 def sha256_hex(token: str) -> str:
@@ -340,7 +353,7 @@ def _child_env(r: _Reader, t: Mapping[str, Any], path: str, secrets: frozenset[s
 
 def _secret_names(data: Mapping[str, Any]) -> frozenset[str]:
     """The environment variables that hold the gateway's own secrets."""
-    names = {*_SLACK_SECRETS, *_CLI_SECRETS}
+    names = {*_SLACK_SECRETS, *_CLI_SECRETS, SESSION_SECRET_ENV}
     for key in ("grants", "reviewers"):
         entries = data.get(key)
         for entry in entries if isinstance(entries, list) else ():
@@ -465,11 +478,33 @@ def _read_slack(r: _Reader, data: Mapping[str, Any]) -> SlackSettings | None:
     )
 
 
+def _positive_hours(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 24 * 30:
+        raise ValueError("must be a number of hours greater than 0 and at most 720")
+    return float(value)
+
+
+def _read_inbox(r: _Reader, data: Mapping[str, Any]) -> InboxSettings:
+    t = r.table(data, "", "inbox", {"session_hours"})
+    hours = r.get(t, "inbox", "session_hours", InboxSettings().session_hours, _positive_hours)
+    secret = r.env.get(SESSION_SECRET_ENV) or None
+    if secret is not None and len(secret) < MIN_SESSION_SECRET_LENGTH:
+        r.error(
+            "inbox",
+            f"environment variable {SESSION_SECRET_ENV} must hold at least {MIN_SESSION_SECRET_LENGTH}"
+            " characters (`approvals token` makes one)",
+        )
+        secret = None
+    return InboxSettings(session_hours=hours, session_secret=secret)
+
+
 def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]) -> Settings:
     """Validate parsed TOML; raise `ConfigError` listing every problem."""
     r = _Reader(env)
     base = source.parent
-    r.unknown(data, "", {"server", "store", "approvals", "upstreams", "grants", "reviewers", "slack"})
+    r.unknown(
+        data, "", {"server", "store", "approvals", "upstreams", "grants", "reviewers", "slack", "inbox"}
+    )
     server = _read_server(r, data)
     store_table = r.table(data, "", "store", {"path"})
     store = StoreSettings(
@@ -492,6 +527,7 @@ def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]
     reviewers = _read_principals(r, data, "reviewers", "reviewer")
     _check_principals(r, grants, reviewers)
     slack = _read_slack(r, data)
+    inbox = _read_inbox(r, data)
     if r.issues:
         raise ConfigError(str(source), r.issues)
     return Settings(
@@ -503,6 +539,7 @@ def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]
         tuple(e.principal for e in grants),
         tuple(e.principal for e in reviewers),
         slack,
+        inbox,
     )
 
 

@@ -565,3 +565,47 @@ def test_stdio_upstreams_inherit_the_environment_when_nothing_is_withheld(config
     """With no secret in the environment and no env table, the child simply inherits (env is None)."""
     settings = load(config_dir, DEMO, {"PATH": os.defpath})
     assert settings.upstreams["demo"].env is None
+
+
+def test_inbox_settings_default_to_eight_hours_and_a_per_process_key(config_dir: Path) -> None:
+    """No [inbox] table: sessions slide over 8 h and no session secret is configured."""
+    settings = load(config_dir, DEMO)
+    assert settings.inbox.session_hours == 8.0
+    assert settings.inbox.session_secret is None
+
+
+def test_inbox_session_hours_and_secret_come_from_the_file_and_the_environment(config_dir: Path) -> None:
+    """[inbox] session_hours is read; APPROVALS_SESSION_SECRET signs sessions and is never in repr."""
+    secret = "s" * 40
+    settings = load(config_dir, DEMO + "[inbox]\nsession_hours = 1.5\n", {"APPROVALS_SESSION_SECRET": secret})
+    assert settings.inbox.session_hours == 1.5
+    assert settings.inbox.session_secret == secret
+    assert secret not in repr(settings)
+
+
+def test_inbox_settings_are_checked(config_dir: Path) -> None:
+    """A bad session_hours, an unknown key and a short secret are reported with their paths."""
+    found = issues_of(
+        config_dir,
+        DEMO + '[inbox]\nsession_hours = "long"\nsesion_hours = 2\n',
+        {"APPROVALS_SESSION_SECRET": "short"},
+    )
+    assert_issues(
+        found,
+        [
+            ("inbox.sesion_hours", 'did you mean "session_hours"'),
+            ("inbox.session_hours", "must be a number of hours"),
+            ("inbox", "APPROVALS_SESSION_SECRET must hold at least 32 characters"),
+        ],
+    )
+    assert_issues(
+        issues_of(config_dir, DEMO + "[inbox]\nsession_hours = 0\n"),
+        [("inbox.session_hours", "greater than 0")],
+    )
+
+
+def test_session_secret_is_withheld_from_stdio_upstreams(config_dir: Path) -> None:
+    """APPROVALS_SESSION_SECRET could forge inbox logins: a stdio upstream never inherits it."""
+    env = {"PATH": "/usr/bin", "APPROVALS_SESSION_SECRET": "s" * 40}
+    settings = load(config_dir, DEMO, env)
+    assert settings.upstreams["demo"].env == {"PATH": "/usr/bin"}

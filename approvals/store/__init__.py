@@ -185,6 +185,19 @@ class ApprovalStore(Protocol):
         """Append an event that is not a transition (e.g. "viewed", "notify_failed"), durably."""
         ...
 
+    async def save_message_ref(self, approval_id: str, channel: str, ref_json: str) -> None:
+        """Remember, durably, where ``channel`` posted its message about an existing approval.
+
+        ``ref_json`` is the channel's own JSON (Slack: ``{"channel": "C…", "ts": "…"}``), kept as
+        is; a later save for the same approval and channel replaces it. Lets a channel edit its
+        message to show the outcome, even after a restart. Raises ``StoreError`` for an unknown id.
+        """
+        ...
+
+    async def message_ref(self, approval_id: str, channel: str) -> str | None:
+        """The ``ref_json`` last saved for this approval and channel, or None."""
+        ...
+
 
 class Store(CounterStore, ApprovalStore, Protocol):
     """The whole store the app opens once and closes on shutdown.

@@ -63,7 +63,7 @@ CREATE TABLE counters (
 CREATE INDEX counters_window_start ON counters (window_start);
 """
 
-MIGRATIONS: list[str] = [_V1_COUNTERS, q.APPROVALS_SCHEMA]
+MIGRATIONS: list[str] = [_V1_COUNTERS, q.APPROVALS_SCHEMA, q.MESSAGE_REFS_SCHEMA]
 
 
 class SqliteStore:
@@ -245,6 +245,18 @@ class SqliteStore:
         """Append an event that is not a transition, durably."""
         async with self._transaction("append to the audit log", durable=True):
             await self._audit(approval_id, event, actor, channel, args_sha256, detail)
+
+    async def save_message_ref(self, approval_id: str, channel: str, ref_json: str) -> None:
+        """Remember where ``channel`` posted its message about the approval (replacing any earlier ref)."""
+        # Durable like the record it points at: after a crash or power cut the message can still be
+        # edited to show the outcome, rather than being left with live buttons.
+        async with self._transaction("save a message ref", durable=True):
+            await q.save_message_ref(self._conn, approval_id, channel, ref_json)
+
+    async def message_ref(self, approval_id: str, channel: str) -> str | None:
+        """The ref ``channel`` saved for the approval, or None."""
+        async with self._read("read a message ref"):
+            return await q.message_ref(self._conn, approval_id, channel)
 
     async def _audit(
         self, approval_id: str, event: str, actor: str, channel: str, args_sha256: str, detail: str | None

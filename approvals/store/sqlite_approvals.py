@@ -19,6 +19,7 @@ from approvals.store.records import STATUSES, Approval, AuditEvent, Status
 
 __all__ = [
     "APPROVALS_SCHEMA",
+    "MESSAGE_REFS_SCHEMA",
     "audit_events",
     "count_pending",
     "drop_expired_results",
@@ -29,7 +30,9 @@ __all__ = [
     "insert_audit",
     "interrupted_releases",
     "list_approvals",
+    "message_ref",
     "next_expiry",
+    "save_message_ref",
     "update_fields",
     "update_status",
 ]
@@ -115,6 +118,18 @@ CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
 BEGIN
     SELECT RAISE(ABORT, 'the audit log is append-only');
 END;
+"""
+
+# Schema v3. Where a channel posted its message about an approval (Slack: channel id and ts), so the
+# message can still be edited to show the outcome after a restart. The ref is the channel's own JSON;
+# the store only keeps it. One ref per approval and channel: a repost replaces it.
+MESSAGE_REFS_SCHEMA = """
+CREATE TABLE message_refs (
+    approval_id TEXT NOT NULL REFERENCES approvals (id),
+    channel     TEXT NOT NULL,
+    ref_json    TEXT NOT NULL,
+    PRIMARY KEY (approval_id, channel)
+) STRICT, WITHOUT ROWID;
 """
 
 _FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(Approval))
@@ -304,6 +319,25 @@ async def audit_events(
         )
         for seq, at, approval, event, actor, channel, digest, detail in rows
     ]
+
+
+async def save_message_ref(conn: aiosqlite.Connection, approval_id: str, channel: str, ref_json: str) -> None:
+    """Insert or replace the ref of this approval's message on ``channel``."""
+    await conn.execute(
+        "INSERT INTO message_refs (approval_id, channel, ref_json) VALUES (?, ?, ?)"
+        " ON CONFLICT (approval_id, channel) DO UPDATE SET ref_json = excluded.ref_json",
+        (approval_id, channel, ref_json),
+    )
+
+
+async def message_ref(conn: aiosqlite.Connection, approval_id: str, channel: str) -> str | None:
+    """The ref of this approval's message on ``channel``, or None."""
+    rows = await _fetch(
+        conn,
+        "SELECT ref_json FROM message_refs WHERE approval_id = ? AND channel = ?",
+        (approval_id, channel),
+    )
+    return str(rows[0][0]) if rows else None
 
 
 async def _fetch(conn: aiosqlite.Connection, sql: str, params: Iterable[object]) -> list[Any]:

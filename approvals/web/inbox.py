@@ -1,12 +1,86 @@
-"""The reviewers' web inbox (being written)."""
+"""The reviewers' web inbox: server-rendered pages (jinja2, autoescaped), a little plain JavaScript.
+
+    GET  /inbox                          pending approvals, newest first; ?upstream=&tool=&agent=
+    GET  /inbox/events                   their live feed (server-sent events), same filters or ?id=
+    GET  /inbox/approvals/{id}           one approval in full; POST …/approve, …/deny (reason)
+    GET  /inbox/history                  decided approvals; .csv and .json export the same search
+    GET  /inbox/login, POST /inbox/login a reviewer's token → a session cookie; POST /inbox/logout
+    GET  /inbox/login/link?t=…           a one-time link from `approvals login-link REVIEWER`
+    GET  /inbox/static/…                 inbox.css, inbox.js
+
+Modules: inbox_auth (sessions, CSRF, Origin), inbox_login (login, links, logout), inbox_views (pages
+and decisions), inbox_history (history and exports), inbox_format (what is shown, pure), live (the
+live feed channel). Every /inbox response carries a strict Content-Security-Policy (no inline
+script or style) and the other security headers; see inbox_views.security_headers.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import jinja2
 from aiohttp import web
 
+from approvals.auth import TokenIndex
 from approvals.config import Settings
 from approvals.gatekeeper import Gatekeeper
+from approvals.web import inbox_format as fmt
+from approvals.web import inbox_history, inbox_login, inbox_views
+from approvals.web.inbox_auth import InboxAuth
+from approvals.web.live import LiveFeed
+
+HERE = Path(__file__).parent
+
+
+def templates() -> jinja2.Environment:
+    """The inbox's templates, autoescaped; the formatting helpers are their filters."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,  # every template, whatever its name: nothing from data is ever markup
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        visible=fmt.visible,
+        segments=fmt.segments,
+        is_long=fmt.is_long,
+        fold_label=fmt.fold_label,
+        iso=fmt.iso,
+        iso_machine=fmt.iso_machine,
+        pretty_json=fmt.pretty_json,
+    )
+    env.globals["max_depth"] = fmt.MAX_DEPTH
+    return env
 
 
 def setup(app: web.Application, settings: Settings, gatekeeper: Gatekeeper) -> None:
     """Mount /inbox and register the inbox's live-feed channel."""
+    feed = LiveFeed()
+    gatekeeper.channel_list.append(feed)
+    app[inbox_views.INBOX] = inbox_views.Inbox(
+        settings=settings,
+        gatekeeper=gatekeeper,
+        auth=InboxAuth(settings.reviewers, settings.inbox.session_secret, settings.inbox.session_hours),
+        feed=feed,
+        templates=templates(),
+        reviewers=TokenIndex(settings.reviewers),
+        grants=TokenIndex(settings.grants),
+    )
+    app.on_response_prepare.append(inbox_views.on_prepare)
+    app.on_shutdown.append(feed.close)
+    add = app.router
+    add.add_get("/inbox", inbox_views.pending_page)
+    add.add_get("/inbox/events", inbox_views.events)
+    add.add_get("/inbox/login", inbox_login.login_page)
+    add.add_post("/inbox/login", inbox_login.login)
+    add.add_get("/inbox/login/link", inbox_login.link_page)
+    add.add_post("/inbox/login/link", inbox_login.link_login)
+    add.add_post("/inbox/logout", inbox_login.logout)
+    add.add_get("/inbox/approvals/{id}", inbox_views.detail)
+    add.add_post("/inbox/approvals/{id}/approve", inbox_views.approve)
+    add.add_post("/inbox/approvals/{id}/deny", inbox_views.deny)
+    add.add_get("/inbox/history", inbox_history.history)
+    add.add_get("/inbox/history.csv", inbox_history.history_csv)
+    add.add_get("/inbox/history.json", inbox_history.history_json)
+    add.add_static("/inbox/static", HERE / "static", append_version=False)

@@ -1,0 +1,226 @@
+// approvals — the reviewers' inbox. Plain JavaScript, no build step.
+//
+// Everything from the server is data: it is put into the page with textContent (and into href
+// only as /inbox/approvals/<encoded id>), never as HTML. The pages work without this file; it adds
+// live updates, ticking times and the keyboard shortcuts.
+(function () {
+  "use strict";
+
+  var body = document.body;
+  var page = body.getAttribute("data-page");
+
+  // ---- times ----------------------------------------------------------------------------------
+
+  function span(seconds) {
+    seconds = Math.max(seconds, 0);
+    var units = [["d", 86400], ["h", 3600], ["min", 60]];
+    for (var i = 0; i < units.length; i++) {
+      if (seconds >= units[i][1]) return Math.floor(seconds / units[i][1]) + " " + units[i][0];
+    }
+    return Math.floor(seconds) + " s";
+  }
+
+  function now() { return Date.now() / 1000; }
+
+  function age(since) { return now() - since < 5 ? "just now" : span(now() - since) + " ago"; }
+
+  function left(until) { return until - now() <= 0 ? "expiring" : span(until - now()) + " left"; }
+
+  function tick(root) {
+    (root || document).querySelectorAll("[data-since]").forEach(function (el) {
+      var since = parseFloat(el.getAttribute("data-since"));
+      if (since) el.textContent = age(since);
+    });
+    (root || document).querySelectorAll("[data-until]").forEach(function (el) {
+      var until = parseFloat(el.getAttribute("data-until"));
+      if (until) el.textContent = left(until);
+    });
+  }
+
+  // ---- the live feed --------------------------------------------------------------------------
+
+  function connect(onEvent) {
+    var url = body.getAttribute("data-live");
+    if (!url || !window.EventSource) return;
+    var status = document.querySelector("[data-live-status]");
+    var statusText = document.querySelector("[data-live-text]");
+    function show(state, text) {
+      if (!status) return;
+      status.classList.remove("on", "off");
+      status.classList.add(state);
+      if (statusText) statusText.textContent = text;
+    }
+    var source = new EventSource(url);
+    source.addEventListener("open", function () { show("on", "Live"); });
+    source.addEventListener("error", function () { show("off", "Reconnecting…"); });
+    ["snapshot", "created", "updated"].forEach(function (kind) {
+      source.addEventListener(kind, function (event) {
+        var data;
+        try { data = JSON.parse(event.data); } catch (e) { return; }
+        onEvent(kind, data);
+      });
+    });
+  }
+
+  function setText(root, field, value) {
+    var el = root.querySelector('[data-field="' + field + '"]');
+    if (el) el.textContent = value == null ? "" : String(value);
+    return el;
+  }
+
+  // ---- the pending list -----------------------------------------------------------------------
+
+  function pendingPage() {
+    var list = document.querySelector("[data-items]");
+    var template = document.getElementById("item-template");
+    var empty = document.querySelector("[data-empty]");
+    var countText = document.querySelector("[data-count-text]");
+    var log = document.querySelector("[data-live-log]");
+    var count = parseInt(body.getAttribute("data-count") || "0", 10);
+    if (!list || !template) return;
+
+    function rows() { return Array.prototype.slice.call(list.querySelectorAll(".item")); }
+
+    function find(id) {
+      return rows().filter(function (row) { return row.getAttribute("data-id") === id; })[0] || null;
+    }
+
+    function render() {
+      var text = count > 500 ? "500+" : String(count);
+      document.title = "(" + text + ") approvals";
+      if (countText) countText.textContent = text;
+      if (empty) empty.hidden = rows().length > 0;
+    }
+
+    function build(item) {
+      var row = template.content.firstElementChild.cloneNode(true);
+      fill(row, item);
+      return row;
+    }
+
+    function fill(row, item) {
+      row.setAttribute("data-id", item.id);
+      row.setAttribute("data-version", String(item.version));
+      row.setAttribute("data-created", String(item.created_at));
+      row.querySelector('[data-field="link"]').setAttribute("href", "/inbox/approvals/" + encodeURIComponent(item.id));
+      ["tool", "upstream", "summary", "agent"].forEach(function (f) { setText(row, f, item[f]); });
+      setText(row, "owner", item.owner || "—");
+      var ageEl = setText(row, "age", item.age);
+      ageEl.setAttribute("data-since", String(item.created_at));
+      ageEl.setAttribute("title", item.created_iso);
+      var leftEl = setText(row, "left", item.left);
+      leftEl.setAttribute("data-until", String(item.expires_at));
+      leftEl.setAttribute("title", "expires " + item.expires_iso);
+    }
+
+    function upsert(item, quiet) {
+      var row = find(item.id);
+      if (row) {
+        if (parseInt(row.getAttribute("data-version"), 10) > item.version) return;
+        fill(row, item);
+        return;
+      }
+      row = build(item);
+      var before = rows().filter(function (r) {
+        return parseFloat(r.getAttribute("data-created")) < item.created_at;
+      })[0] || null;
+      list.insertBefore(row, before);
+      count += 1;
+      if (!quiet) {
+        row.classList.add("fresh");
+        if (log) log.textContent = "New request: " + item.tool + " from " + item.agent;
+      }
+    }
+
+    function remove(item) {
+      var row = find(item.id);
+      if (!row) return;
+      if (parseInt(row.getAttribute("data-version"), 10) > item.version) return;
+      row.remove();
+      count = Math.max(count - 1, 0);
+      if (log) {
+        log.textContent = item.tool + " from " + item.agent + " is " + item.status +
+          (item.decided_by ? " (" + item.decided_by + ")" : "");
+      }
+    }
+
+    connect(function (kind, data) {
+      if (kind === "snapshot") {
+        var keep = {};
+        data.items.forEach(function (item) { keep[item.id] = true; upsert(item, true); });
+        rows().forEach(function (row) { if (!keep[row.getAttribute("data-id")]) row.remove(); });
+        count = data.count;
+      } else if (data.status === "pending") {
+        upsert(data, false);
+      } else {
+        remove(data);
+      }
+      render();
+    });
+  }
+
+  // ---- the detail page ------------------------------------------------------------------------
+
+  function detailPage() {
+    var approveForm = document.querySelector("[data-approve-form]");
+    var dialog = document.getElementById("confirm-approve");
+    var reason = document.getElementById("reason");
+
+    connect(function (kind, data) {
+      var items = kind === "snapshot" ? data.items : [data];
+      items.forEach(function (item) {
+        if (item.status === body.getAttribute("data-status") && kind === "snapshot") return;
+        body.setAttribute("data-status", item.status);
+        var badge = document.querySelector('.detail-head [data-field="status"]');
+        if (badge) {
+          badge.textContent = item.status;
+          badge.className = "badge badge-" + item.status;
+        }
+        if (item.status === "pending") return;
+        var decide = document.querySelector("[data-decide]");
+        if (decide) decide.hidden = true;
+        var own = document.querySelector("[data-own-agent]");
+        if (own) own.hidden = true;
+        var note = document.querySelector("[data-decided-note]");
+        if (note) {
+          note.hidden = false;
+          var approved = ["approved", "released", "completed", "failed"].indexOf(item.status) >= 0;
+          setText(note, "decision", item.decided_by
+            ? (approved ? "Approved" : "Denied") + " by " + item.decided_by
+            : item.status.charAt(0).toUpperCase() + item.status.slice(1));
+          setText(note, "outcome", item.outcome);
+        }
+      });
+    });
+
+    if (dialog) {
+      dialog.querySelector("[data-confirm]").addEventListener("click", function () {
+        dialog.close();
+        if (approveForm) approveForm.requestSubmit();
+      });
+      dialog.querySelector("[data-cancel]").addEventListener("click", function () { dialog.close(); });
+    }
+
+    document.addEventListener("keydown", function (event) {
+      if (event.ctrlKey || event.metaKey || event.altKey || event.defaultPrevented) return;
+      var target = event.target;
+      if (target && target.closest && target.closest("input, textarea, select, [contenteditable]")) return;
+      if (dialog && dialog.open) return;
+      if (body.getAttribute("data-status") !== "pending") return;
+      if (event.key === "a" && approveForm && dialog) {
+        event.preventDefault();
+        dialog.showModal();
+        dialog.querySelector("[data-confirm]").focus();
+      } else if (event.key === "d" && reason) {
+        event.preventDefault();
+        reason.focus();
+        reason.scrollIntoView({ block: "center" });
+      }
+    });
+  }
+
+  tick();
+  window.setInterval(tick, 15000);
+  if (page === "pending") pendingPage();
+  if (page === "detail") detailPage();
+})();
