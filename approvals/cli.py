@@ -270,6 +270,7 @@ def _print_banner(settings: Settings, port: int, dev_tokens: dict[str, str]) -> 
     lines = [f"approvals gateway listening on {settings.server.host}:{port}"]
     for name in settings.upstreams:
         lines.append(f"  MCP URL for upstream {name!r}: {base}/mcp/{name}")
+    lines.append(f"  web inbox for reviewers: {base}/inbox")
     if DEV_REVIEWER in dev_tokens:
         lines += [
             f"  development reviewer token ({DEV_REVIEWER}, kept in {_token_file(settings, DEV_REVIEWER)}):",
