@@ -94,6 +94,16 @@ def _queue(request: web.Request) -> ApprovalQueue | web.Response:
     return queue if queue is not None else _error(503, "the approval queue is not running")
 
 
+def _allowed(request: web.Request) -> tuple[Principal, ApprovalQueue] | web.Response:
+    """The reviewer making the request and the running queue, or the response refusing it."""
+    reviewer, queue = _reviewer(request), _queue(request)
+    if isinstance(reviewer, web.Response):
+        return reviewer
+    if isinstance(queue, web.Response):
+        return queue
+    return reviewer, queue
+
+
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -113,11 +123,10 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
 
 
 async def list_approvals(request: web.Request) -> web.Response:
-    reviewer, queue = _reviewer(request), _queue(request)
-    if isinstance(reviewer, web.Response):
-        return reviewer
-    if isinstance(queue, web.Response):
-        return queue
+    allowed = _allowed(request)
+    if isinstance(allowed, web.Response):
+        return allowed
+    _, queue = allowed
     status = request.query.get("status") or None
     if status is not None and status not in STATUSES:
         return _error(400, f"status must be one of {', '.join(STATUSES)}")
@@ -137,11 +146,10 @@ async def list_approvals(request: web.Request) -> web.Response:
 
 
 async def get_approval(request: web.Request) -> web.Response:
-    reviewer, queue = _reviewer(request), _queue(request)
-    if isinstance(reviewer, web.Response):
-        return reviewer
-    if isinstance(queue, web.Response):
-        return queue
+    allowed = _allowed(request)
+    if isinstance(allowed, web.Response):
+        return allowed
+    _, queue = allowed
     approval = await queue.store.get_approval(request.match_info["id"])
     if approval is None:
         return _error(404, f"no approval {request.match_info['id']!r}")
@@ -149,11 +157,10 @@ async def get_approval(request: web.Request) -> web.Response:
 
 
 async def _decide(request: web.Request, approve: bool) -> web.Response:
-    reviewer, queue = _reviewer(request), _queue(request)
-    if isinstance(reviewer, web.Response):
-        return reviewer
-    if isinstance(queue, web.Response):
-        return queue
+    allowed = _allowed(request)
+    if isinstance(allowed, web.Response):
+        return allowed
+    reviewer, queue = allowed
     reason: str | None = None
     if request.can_read_body:
         try:
@@ -189,11 +196,10 @@ async def deny(request: web.Request) -> web.Response:
 
 
 async def audit(request: web.Request) -> web.Response:
-    reviewer, queue = _reviewer(request), _queue(request)
-    if isinstance(reviewer, web.Response):
-        return reviewer
-    if isinstance(queue, web.Response):
-        return queue
+    allowed = _allowed(request)
+    if isinstance(allowed, web.Response):
+        return allowed
+    _, queue = allowed
     events = await queue.store.audit_events(
         approval_id=request.query.get("approval_id") or None,
         after_seq=_int_param(request, "after", 0, 0, 2**62),
