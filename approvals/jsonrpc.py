@@ -102,10 +102,17 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Made once: json.loads / json.dumps with options build a new decoder / encoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
 def parse_message(body: bytes) -> Message:
     """Decode and check one message from a POST body."""
     try:
-        obj = json.loads(body, parse_constant=_reject_constant)
+        # What json.loads does with bytes: UTF-8, -16 or -32, told apart by the first bytes.
+        obj = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise EnvelopeError(PARSE_ERROR, f"invalid JSON: {exc}") from None
     return check_message(obj)
@@ -142,4 +149,9 @@ def is_failure(response: JsonObject) -> bool:
 
 def encode(message: JsonObject) -> bytes:
     """Compact UTF-8 JSON, as sent on the wire."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return _ENCODER.encode(message).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800" in the JSON received) has no UTF-8 form: send it escaped,
+        # exactly as it arrived, rather than failing the call.
+        return _ASCII_ENCODER.encode(message).encode()

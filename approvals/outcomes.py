@@ -112,4 +112,4 @@ def _final_result(approval: Approval) -> JsonObject:
 
 def encode_outcome(response: JsonObject) -> str:
     """The form a final outcome is kept in (`Approval.result_json`)."""
-    return json.dumps(response, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(response, separators=(",", ":"))  # ASCII: any upstream answer can be kept

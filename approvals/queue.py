@@ -142,6 +142,9 @@ class ApprovalQueue:
         self._admit_locks: KeyedLock[tuple[str, str, str, str]] = KeyedLock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
+        # When the expiry task looks next (-inf while it is finding out): an admission wakes it
+        # only when its own expiry comes sooner — not once per call of a burst of ten thousand.
+        self._expiry_due = -math.inf
         self._expiry: asyncio.Task[None] | None = None
 
     def url_of(self, approval_id: str) -> str:
@@ -155,7 +158,7 @@ class ApprovalQueue:
             # Released but never answered: it may have run. Never send it again.
             await self._finish(approval, "released", "failed", reason="interrupted", response=None)
         for approval in await self.store.list_approvals(status="approved", limit=10_000):
-            self._spawn(self._release(approval))
+            self._spawn(self._release(approval, self.catalog.mark()))
         self._expiry = asyncio.create_task(self._expire_forever(), name="approval-expiry")
 
     async def close(self) -> None:
@@ -192,6 +195,15 @@ class ApprovalQueue:
         )
         if isinstance(reserved, LimitRefusal):
             return Admission(answer=limit_refusal(reserved, decision))
+        try:
+            return await self._open(call, decision, args_sha, reserved, now)
+        except BaseException:
+            self.limiter.rollback(reserved)  # no request was opened: the call must not stay counted
+            raise
+
+    async def _open(
+        self, call: ToolCall, decision: Decision, args_sha: str, reserved: Reservation, now: float
+    ) -> Admission:
         limit = self.settings.approvals.max_pending_per_grant
         if await self.store.count_pending(call.grant) >= limit:
             self.limiter.rollback(reserved)
@@ -204,7 +216,7 @@ class ApprovalQueue:
             id=new_approval_id(),
             upstream=call.upstream,
             tool=call.tool,
-            arguments_json=json.dumps(call.arguments, ensure_ascii=False),
+            arguments_json=json.dumps(call.arguments),  # ASCII: any JSON value can be stored
             args_sha256=args_sha,
             tool_json=tool_json,
             tool_sha256=tool_sha,
@@ -219,7 +231,8 @@ class ApprovalQueue:
         )
         await self.store.create_approval(approval, actor=call.grant, channel="mcp")
         self._arrivals[approval.id] = reserved
-        self._wakeup.set()
+        if approval.expires_at < self._expiry_due or self._expiry_due == -math.inf:
+            self._wakeup.set()
         self.channels.announce(approval, "created")
         return Admission(hold=self._hold(approval))
 
@@ -272,7 +285,7 @@ class ApprovalQueue:
             raise DecisionError(409, f"already {current.status}{by}", current)
         if approve:
             self.channels.announce(decided, "updated")
-            self._spawn(self._release(decided))
+            self._spawn(self._release(decided, self.catalog.mark()))
         else:
             await self._settle(decided)
         return decided
@@ -285,15 +298,21 @@ class ApprovalQueue:
 
     # ---- release ---------------------------------------------------------------------------
 
-    async def _release(self, approval: Approval) -> None:
-        """Forward an approved call exactly once, with exactly the stored arguments."""
+    async def _release(self, approval: Approval, decided_mark: int) -> None:
+        """Forward an approved call exactly once, with exactly the stored arguments.
+
+        `decided_mark` is the catalog's mark taken once the approval was decided.
+        """
         arguments = json.loads(approval.arguments_json)
         reservation = await self._room_to_release(approval, arguments)
         if reservation is None:
             return
-        listed = await self.catalog.fetch(approval.upstream, approval.session_id)
+        # Any listing begun after the decision shows the definition as it is now: a burst of
+        # releases shares one instead of asking the upstream once per call.
+        listed = await self.catalog.fetch(approval.upstream, approval.session_id, after=decided_mark)
         definition_json, definition_sha = fingerprint(listed.get(approval.tool))
-        if definition_sha != approval.tool_sha256:
+        # Fail closed: an unknown definition (now or at the request) cannot be shown to match.
+        if not definition_sha or definition_sha != approval.tool_sha256:
             # Reviewed under another definition (or the tool is gone): the approval does not carry over.
             self.limiter.rollback(reservation)
             await self._back_to_review(approval, definition_json, definition_sha, bool(listed))
@@ -435,7 +454,9 @@ class ApprovalQueue:
                 await asyncio.sleep(EXPIRY_RETRY_SECONDS)
 
     async def _expire_due(self) -> None:
+        self._expiry_due = -math.inf  # until the next time is known, every admission wakes us
         next_at = await self.store.next_expiry()
+        self._expiry_due = math.inf if next_at is None else next_at
         timeout = None if next_at is None else max(next_at - self.clock(), 0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)

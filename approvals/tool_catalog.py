@@ -22,6 +22,15 @@ class ToolCatalog:
     def __init__(self, upstreams: UpstreamCaller) -> None:
         self._upstreams = upstreams
         self._tools: dict[str, dict[str, JsonObject]] = {}
+        # Listings are numbered in the order they start (a logical clock: wall clocks can tie).
+        # Per upstream: the listing in flight, and the newest complete one, with their numbers.
+        self._started = 0
+        self._inflight: dict[str, tuple[int, asyncio.Future[tuple[dict[str, JsonObject], bool]]]] = {}
+        self._latest: dict[str, tuple[int, dict[str, JsonObject]]] = {}
+
+    def mark(self) -> int:
+        """A point in time for `fetch(after=…)`: listings that start later have higher numbers."""
+        return self._started
 
     def remember(self, upstream: str, tools: list[JsonObject]) -> None:
         """Note definitions from a tools/list answer passing through the gateway."""
@@ -37,8 +46,41 @@ class ToolCatalog:
             found = (await self.fetch(upstream, prefer_session)).get(tool)
         return found
 
-    async def fetch(self, upstream: str, prefer_session: str | None) -> dict[str, JsonObject]:
-        """Every tool of the upstream now (following pagination); {} when it cannot be listed."""
+    async def fetch(
+        self, upstream: str, prefer_session: str | None, *, after: int | None = None
+    ) -> dict[str, JsonObject]:
+        """Every tool of the upstream now (following pagination); {} when it cannot be listed.
+
+        With `after` (a `mark()`), any listing that *started* after that mark will do, so callers
+        share one: a release checks the definition with a listing begun after its approval was
+        decided — the upstream's state after the decision — and a burst of releases needs only
+        a few listings instead of one each.
+        """
+        if after is not None:
+            latest = self._latest.get(upstream)
+            if latest is not None and latest[0] > after:
+                return latest[1]
+            inflight = self._inflight.get(upstream)
+            if inflight is not None and inflight[0] > after:
+                return (await asyncio.shield(inflight[1]))[0]
+        self._started += 1
+        started = self._started
+        listing = asyncio.ensure_future(self._list(upstream, prefer_session))
+        self._inflight[upstream] = (started, listing)
+        try:
+            tools, complete = await asyncio.shield(listing)
+        finally:
+            if self._inflight.get(upstream, (0, None))[1] is listing:
+                del self._inflight[upstream]
+        if complete:
+            self._tools[upstream] = tools
+            latest = self._latest.get(upstream)
+            if latest is None or latest[0] <= started:
+                self._latest[upstream] = (started, tools)
+        return tools
+
+    async def _list(self, upstream: str, prefer_session: str | None) -> tuple[dict[str, JsonObject], bool]:
+        """(the tools, whether the listing is complete)."""
         tools: dict[str, JsonObject] = {}
         cursor: str | None = None
         try:
@@ -51,7 +93,7 @@ class ToolCatalog:
                     result = answer.get("result")
                     if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
                         log.warning("upstream %s: tools/list failed: %s", upstream, answer.get("error"))
-                        return tools
+                        return tools, False
                     tools.update(
                         {t["name"]: t for t in result["tools"] if isinstance(t, dict) and "name" in t}
                     )
@@ -60,9 +102,8 @@ class ToolCatalog:
                         break
         except TimeoutError:
             log.warning("upstream %s: tools/list took longer than %.0f s", upstream, LIST_TIMEOUT_SECONDS)
-            return tools
-        self._tools[upstream] = tools
-        return tools
+            return tools, False
+        return tools, True
 
 
 def fingerprint(definition: JsonObject | None) -> tuple[str, str]:

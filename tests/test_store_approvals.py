@@ -507,8 +507,8 @@ async def test_count_pending_counts_only_pending_records_of_that_grant(store: Sq
     assert await store.count_pending("agent-c") == 0
 
 
-async def test_due_for_expiry_and_next_expiry_see_only_live_records(store: SqliteStore) -> None:
-    """Pending and approved records expire; decided or released ones never show up."""
+async def test_due_for_expiry_and_next_expiry_see_only_pending_records(store: SqliteStore) -> None:
+    """Pending records expire; approved (given in time), decided or released ones never show up."""
     assert await store.next_expiry() is None
     soon = await created(store, expires_at=NOW + 10)
     approved = await created(store, expires_at=NOW + 20)
@@ -518,10 +518,11 @@ async def test_due_for_expiry_and_next_expiry_see_only_live_records(store: Sqlit
         await moved(store, (await created(store, expires_at=NOW + 1)).id, *path)
     assert await store.next_expiry() == NOW + 10
     assert await store.due_for_expiry(NOW + 9) == []
-    assert [r.id for r in await store.due_for_expiry(NOW + 20)] == [soon.id, approved.id]
+    assert [r.id for r in await store.due_for_expiry(NOW + 20)] == [soon.id]
     await moved(store, soon.id, "expired")
-    assert await store.next_expiry() == NOW + 20
-    assert [r.id for r in await store.due_for_expiry(NOW + 100)] == [approved.id, later.id]
+    assert await store.next_expiry() == NOW + 30
+    assert [r.id for r in await store.due_for_expiry(NOW + 100)] == [later.id]
+    assert approved.id not in [r.id for r in await store.due_for_expiry(NOW + 100)]
 
 
 async def test_interrupted_releases_lists_records_left_released(store: SqliteStore) -> None:

@@ -13,6 +13,7 @@ import aiohttp
 from approvals.config import Settings
 from approvals.jsonrpc import HANDSHAKE_VERSIONS, UPSTREAM_UNAVAILABLE, JsonObject, error_response
 from approvals.proxy.gate import Gate
+from approvals.proxy.http1 import Pool
 from approvals.proxy.session import Session
 from approvals.proxy.upstream import connect
 
@@ -34,6 +35,7 @@ class Gateway:
         self._service: dict[str, Session] = {}
         self._service_lock = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
+        self._pool = Pool()  # keep-alive connections for the POSTs to HTTP upstreams (the hot path)
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -58,7 +60,7 @@ class Gateway:
         settings = self.settings.upstreams[upstream]
         session = Session(secrets.token_urlsafe(32), grant, settings)
         session.connection = connect(
-            settings, self._http, session.on_upstream_message, session.on_upstream_closed
+            settings, self._http, self._pool, session.on_upstream_message, session.on_upstream_closed
         )
         await session.connection.start()
         return session
@@ -141,6 +143,7 @@ class Gateway:
             *(s.close("the gateway is shutting down") for s in self._service.values()),
             return_exceptions=True,
         )
+        self._pool.close()
         if self._http is not None:
             await self._http.close()
 

@@ -33,7 +33,35 @@ from approvals.proxy.upstream import Upstream
 log = logging.getLogger(__name__)
 
 MAX_WAITING_MESSAGES = 1000
-Outbox = asyncio.Queue[JsonObject | None]  # None: the stream is over
+
+
+class Outbox:
+    """Messages for one client stream, read by one task; None means the stream is over.
+
+    One is made for every request, so it is lighter than `asyncio.Queue`: a deque and, while the
+    reader waits, one future.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[JsonObject | None] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: JsonObject | None) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> JsonObject | None:
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
 
 class Exchange:
@@ -45,7 +73,7 @@ class Exchange:
         self.upstream_id = upstream_id
         self.client_id = client_id  # None for the gateway's own requests
         self.progress_token = progress_token
-        self.outbox: Outbox = asyncio.Queue()
+        self.outbox = Outbox()
         self.done = False
 
 
@@ -195,7 +223,7 @@ class Session:
 
     def open_stream(self) -> Outbox:
         """A GET stream: gets every message that belongs to no request, starting with those waiting."""
-        outbox: Outbox = asyncio.Queue()
+        outbox = Outbox()
         while self._waiting:
             outbox.put_nowait(self._waiting.popleft())
         self._streams.append(outbox)

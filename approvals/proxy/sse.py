@@ -33,45 +33,71 @@ class Event:
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 
 
-async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    # Our own splitting: aiohttp's readline refuses lines over its buffer size, and a tool result
-    # carrying an image is one long `data:` line.
-    buffer = b""
-    async for chunk in content.iter_any():
-        buffer += chunk
+class SseDecoder:
+    """Push-style SSE decoding (the WHATWG rules the MCP servers rely on): feed bytes, get events.
+
+    Our own line splitting: a tool result carrying an image is one long `data:` line, longer than
+    stream readers' line limits.
+    """
+
+    __slots__ = ("_buffer", "_data", "_event", "_id")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+        self._event = "message"
+        self._id: str | None = None
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        """The events completed by `chunk`."""
+        buffer = self._buffer + chunk if self._buffer else chunk
         if b"\n" not in chunk:
             if len(buffer) > MAX_EVENT_BYTES:
                 raise ValueError(f"SSE line longer than {MAX_EVENT_BYTES} bytes")
-            continue
-        *complete, buffer = buffer.split(b"\n")
-        for line in complete:
-            yield line
-    if buffer:
-        yield buffer
+            self._buffer = buffer
+            return []
+        *complete, self._buffer = buffer.split(b"\n")
+        events: list[Event] = []
+        for raw in complete:
+            self._line(raw, events)
+        return events
 
+    def end(self) -> list[Event]:
+        """The stream ended: the last event, if it was not terminated by a blank line."""
+        events: list[Event] = []
+        if self._buffer:
+            self._line(self._buffer, events)
+            self._buffer = b""
+        if any(self._data):
+            events.append(Event(self._event, "\n".join(self._data), self._id))
+        self._data = []
+        return events
 
-async def read_events(content: aiohttp.StreamReader) -> AsyncIterator[Event]:
-    """Decode an SSE stream (the WHATWG rules the MCP servers rely on) into events."""
-    data: list[str] = []
-    event = "message"
-    event_id: str | None = None
-    async for raw in _lines(content):
+    def _line(self, raw: bytes, events: list[Event]) -> None:
         line = raw.decode("utf-8", errors="replace").rstrip("\r")
         if not line:
             # An event with empty data is a priming or retry event (resumability): nothing to pass on.
-            if any(data):
-                yield Event(event, "\n".join(data), event_id)
-            data, event = [], "message"
-            continue
+            if any(self._data):
+                events.append(Event(self._event, "\n".join(self._data), self._id))
+            self._data, self._event = [], "message"
+            return
         if line.startswith(":"):
-            continue
+            return
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "data":
-            data.append(value)
+            self._data.append(value)
         elif name == "event":
-            event = value
+            self._event = value
         elif name == "id":
-            event_id = value
-    if any(data):
-        yield Event(event, "\n".join(data), event_id)
+            self._id = value
+
+
+async def read_events(content: aiohttp.StreamReader) -> AsyncIterator[Event]:
+    """Decode an SSE stream into events."""
+    decoder = SseDecoder()
+    async for chunk in content.iter_any():
+        for event in decoder.feed(chunk):
+            yield event
+    for event in decoder.end():
+        yield event

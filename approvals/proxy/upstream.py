@@ -21,7 +21,8 @@ import aiohttp
 
 from approvals.config import UpstreamSettings
 from approvals.jsonrpc import UPSTREAM_UNAVAILABLE, JsonObject, encode, error_response
-from approvals.proxy.sse import read_events
+from approvals.proxy.http1 import Pool
+from approvals.proxy.http_upstream import HttpUpstream
 
 log = logging.getLogger(__name__)
 
@@ -138,132 +139,10 @@ class StdioUpstream:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-class HttpUpstream:
-    """A Streamable HTTP upstream session: a POST per message, plus the GET stream for the rest."""
-
-    def __init__(
-        self, settings: UpstreamSettings, http: aiohttp.ClientSession, sink: Sink, on_close: OnClose
-    ) -> None:
-        self._settings = settings
-        self._http = http
-        self._sink = sink
-        self._on_close = on_close
-        self._session_id: str | None = None
-        self._version: str | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._requests: dict[object, asyncio.Task[None]] = {}  # request id → its POST, for cancellation
-        self._get_task: asyncio.Task[None] | None = None
-        # Notifications and responses are POSTed one after another, and a request only after
-        # those sent before it, so the upstream sees them in the order the client sent them.
-        self._last_ordered: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        """Nothing to do: the upstream session begins with the client's `initialize`."""
-
-    def _headers(self, *, accept: str) -> dict[str, str]:
-        headers = {**self._settings.headers, "Accept": accept}
-        if self._session_id:
-            headers["Mcp-Session-Id"] = self._session_id
-        if self._version:
-            headers["MCP-Protocol-Version"] = self._version
-        return headers
-
-    def send(self, message: JsonObject) -> None:
-        task = asyncio.create_task(self._post(message, self._last_ordered))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        if "method" in message and "id" in message:
-            request_id = message["id"]
-            self._requests[request_id] = task
-            task.add_done_callback(lambda _: self._requests.pop(request_id, None))
-        else:
-            self._last_ordered = task
-        if message.get("method") == "notifications/cancelled":
-            # Some servers keep a cancelled request's stream open for ever; nobody waits for it now.
-            params = message.get("params")
-            cancelled = self._requests.get(params.get("requestId")) if isinstance(params, dict) else None
-            if cancelled is not None:
-                task.add_done_callback(lambda _: cancelled.cancel())
-        if message.get("method") == "notifications/initialized" and self._get_task is None:
-            self._get_task = asyncio.create_task(self._listen())
-
-    async def _post(self, message: JsonObject, after: asyncio.Task[None] | None) -> None:
-        request_id = message.get("id") if "method" in message else None
-        answered = False
-        if after is not None and not after.done():
-            await asyncio.wait([after])
-        try:
-            headers = self._headers(accept="application/json, text/event-stream")
-            headers["Content-Type"] = "application/json"
-            async with self._http.post(self._settings.url, data=encode(message), headers=headers) as response:
-                if message.get("method") == "initialize" and "Mcp-Session-Id" in response.headers:
-                    self._session_id = response.headers["Mcp-Session-Id"]
-                if response.status == 202 or request_id is None:
-                    if response.status >= 400:
-                        log.warning(
-                            "upstream %s refused a message: HTTP %d", self._settings.name, response.status
-                        )
-                    return
-                content_type = response.headers.get("Content-Type", "")
-                if response.status >= 400 and not content_type.startswith("application/json"):
-                    raise ConnectionError(f"HTTP {response.status}")
-                if content_type.startswith("text/event-stream"):
-                    async for event in read_events(response.content):
-                        answered = self._deliver(event.data, request_id) or answered
-                else:
-                    answered = self._deliver(await response.text(), request_id)
-                if not answered:
-                    raise ConnectionError("the upstream ended its answer without a response")
-        except (aiohttp.ClientError, ConnectionError, TimeoutError, ValueError) as exc:
-            if request_id is not None and not answered:
-                detail = str(exc) or type(exc).__name__
-                self._sink(
-                    error_response(request_id, UPSTREAM_UNAVAILABLE, f"upstream unavailable: {detail}"), None
-                )
-
-    def _deliver(self, data: str, request_id: object) -> bool:
-        """Pass one received message on; True when it is the answer to `request_id`."""
-        message = json.loads(data)
-        if not isinstance(message, dict):
-            return False
-        is_answer = "method" not in message and message.get("id") == request_id
-        if is_answer and isinstance(result := message.get("result"), dict) and "protocolVersion" in result:
-            self._version = str(result["protocolVersion"])
-        self._sink(message, request_id if isinstance(request_id, int) else None)
-        return is_answer
-
-    async def _listen(self) -> None:
-        """The upstream's GET stream: its requests and notifications that belong to no request."""
-        try:
-            async with self._http.get(
-                self._settings.url, headers=self._headers(accept="text/event-stream")
-            ) as resp:
-                if resp.status != 200:
-                    return  # 405: this server has no standalone stream, which the spec allows
-                async for event in read_events(resp.content):
-                    message = json.loads(event.data)
-                    if isinstance(message, dict):
-                        self._sink(message, None)
-        except (aiohttp.ClientError, ValueError) as exc:
-            log.info("upstream %s: GET stream ended: %s", self._settings.name, exc)
-
-    async def close(self) -> None:
-        tasks = [*self._tasks, *([self._get_task] if self._get_task else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session_id:
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with self._http.delete(
-                    self._settings.url, headers=self._headers(accept="application/json")
-                ):
-                    pass
-
-
 def connect(
-    settings: UpstreamSettings, http: aiohttp.ClientSession, sink: Sink, on_close: OnClose
+    settings: UpstreamSettings, http: aiohttp.ClientSession, pool: Pool, sink: Sink, on_close: OnClose
 ) -> Upstream:
     """The transport the upstream's settings call for."""
     if settings.is_stdio:
         return StdioUpstream(settings, sink, on_close)
-    return HttpUpstream(settings, http, sink, on_close)
+    return HttpUpstream(settings, http, pool, sink, on_close)

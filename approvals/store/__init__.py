@@ -148,7 +148,7 @@ class ApprovalStore(Protocol):
         ...
 
     async def due_for_expiry(self, now: float) -> list[Approval]:
-        """Pending or approved records whose ``expires_at <= now``, soonest first."""
+        """Pending records whose ``expires_at <= now``, soonest first (an approval given in time stands)."""
         ...
 
     async def interrupted_releases(self) -> list[Approval]:
@@ -156,7 +156,7 @@ class ApprovalStore(Protocol):
         ...
 
     async def next_expiry(self) -> float | None:
-        """The earliest ``expires_at`` among pending and approved records, so expiry can wait exactly."""
+        """The earliest ``expires_at`` among pending records, so expiry can wait exactly."""
         ...
 
     async def drop_expired_results(self, now: float) -> int:

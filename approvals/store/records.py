@@ -152,8 +152,12 @@ def check_update_fields(fields: Mapping[str, object]) -> None:
 
 
 def canonical_json(value: object) -> str:
-    """The one JSON text of ``value`` that hashes compare: sorted keys, no spaces, raw Unicode."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The one JSON text of ``value`` that hashes compare: sorted keys, no spaces, ASCII only.
+
+    ASCII (``\\uXXXX`` escapes) so that any JSON value has one, even a string with a lone surrogate,
+    which has no UTF-8 form and could otherwise be neither hashed nor stored.
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def sha256_of(value: object) -> str:

@@ -205,7 +205,7 @@ class SqliteStore:
             await q.update_fields(self._conn, approval_id, fields)
 
     async def due_for_expiry(self, now: float) -> list[Approval]:
-        """Pending or approved records whose ``expires_at <= now``, soonest first."""
+        """Pending records whose ``expires_at <= now``, soonest first."""
         async with self._read("find expired approvals"):
             return await q.due_for_expiry(self._conn, now)
 
@@ -215,7 +215,7 @@ class SqliteStore:
             return await q.interrupted_releases(self._conn)
 
     async def next_expiry(self) -> float | None:
-        """The earliest ``expires_at`` among pending and approved records."""
+        """The earliest ``expires_at`` among pending records."""
         async with self._read("find the next expiry"):
             return await q.next_expiry(self._conn)
 

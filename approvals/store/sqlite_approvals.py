@@ -141,6 +141,9 @@ _REAL_FIELDS = frozenset(
     {"created_at", "expires_at", "decided_at", "released_at", "finished_at", "result_expires_at"}
 )
 _LIVE = "status IN ('pending', 'approved')"  # spelled as in approvals_live_expiry so it is used
+# Only pending requests expire on the clock: an approval given in time stands even when its release
+# is slow; a release waiting for rate-limit room expires it itself when the wait would pass expiry.
+_EXPIRING = f"{_LIVE} AND status = 'pending'"
 _AUDIT_COLUMNS = "seq, at, approval_id, event, actor, channel, args_sha256, detail"
 
 
@@ -259,10 +262,10 @@ async def update_fields(conn: aiosqlite.Connection, approval_id: str, fields: Ma
 
 
 async def due_for_expiry(conn: aiosqlite.Connection, now: float) -> list[Approval]:
-    """Pending or approved records whose ``expires_at <= now``, soonest first."""
+    """Pending records whose ``expires_at <= now``, soonest first."""
     rows = await _fetch(
         conn,
-        f"SELECT {_SELECT} FROM approvals WHERE {_LIVE} AND expires_at <= ? ORDER BY expires_at, id",  # noqa: S608
+        f"SELECT {_SELECT} FROM approvals WHERE {_EXPIRING} AND expires_at <= ? ORDER BY expires_at, id",  # noqa: S608
         (now,),
     )
     return [_approval(row) for row in rows]
@@ -280,7 +283,7 @@ async def interrupted_releases(conn: aiosqlite.Connection) -> list[Approval]:
 
 async def next_expiry(conn: aiosqlite.Connection) -> float | None:
     """The earliest ``expires_at`` among live records, or None."""
-    cursor = await conn.execute(f"SELECT min(expires_at) FROM approvals WHERE {_LIVE}")  # noqa: S608
+    cursor = await conn.execute(f"SELECT min(expires_at) FROM approvals WHERE {_EXPIRING}")  # noqa: S608
     row = await cursor.fetchone()
     return None if row is None or row[0] is None else float(row[0])
 

@@ -1,0 +1,332 @@
+"""The Streamable HTTP upstream transport: a POST per message, plus the GET stream for the rest.
+
+Every tool call through the gateway is one POST here, so it is built for the hot path: POSTs go
+over the gateway's lean HTTP/1.1 pool (`http1`) and are answered in callbacks — no task, no
+coroutine per message unless a connection has to be opened. What an upstream sends on a POST's
+stream (JSON or SSE, progress and server requests included) reaches the sink as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from approvals.config import UpstreamSettings
+from approvals.jsonrpc import UPSTREAM_UNAVAILABLE, JsonObject, RequestId, encode, error_response
+from approvals.proxy.http1 import Connection, HttpError, Pool, Url, header_lines, request_bytes
+from approvals.proxy.sse import SseDecoder, read_events
+
+if TYPE_CHECKING:
+    from approvals.proxy.upstream import OnClose, Sink
+
+log = logging.getLogger(__name__)
+
+
+class HttpUpstream:
+    """A Streamable HTTP upstream session: a POST per message, plus the GET stream for the rest.
+
+    POSTs go over the gateway's lean HTTP/1.1 pool (`http1`), answered in callbacks; the rare
+    GET stream and the closing DELETE use aiohttp.
+    """
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        http: aiohttp.ClientSession,
+        pool: Pool,
+        sink: Sink,
+        on_close: OnClose,
+    ) -> None:
+        self._settings = settings
+        self._url = Url.parse(settings.url)
+        self._http = http
+        self._pool = pool
+        self._sink = sink
+        self._on_close = on_close
+        self._session_id: str | None = None
+        self._version: str | None = None
+        self._posts: set[_Post] = set()
+        self._requests: dict[object, _Post] = {}  # request id → its POST, for cancellation
+        self._get_task: asyncio.Task[None] | None = None
+        # Notifications and responses are POSTed one after another, and a request only after
+        # those sent before it, so the upstream sees them in the order the client sent them.
+        self._last_ordered: _Post | None = None
+        self._closed = False
+        self._post_head: tuple[tuple[str | None, str | None], str] | None = None
+
+    async def start(self) -> None:
+        """Nothing to do: the upstream session begins with the client's `initialize`."""
+
+    def _post_headers(self) -> str:
+        """The header lines of every POST; they change only with the session id and version."""
+        key = (self._session_id, self._version)
+        if self._post_head is None or self._post_head[0] != key:
+            headers = self._headers(accept="application/json, text/event-stream")
+            headers["Content-Type"] = "application/json"
+            self._post_head = (key, header_lines(headers))
+        return self._post_head[1]
+
+    def _headers(self, *, accept: str) -> dict[str, str]:
+        headers = {**self._settings.headers, "Accept": accept}
+        if self._session_id:
+            headers["Mcp-Session-Id"] = self._session_id
+        if self._version:
+            headers["MCP-Protocol-Version"] = self._version
+        return headers
+
+    def send(self, message: JsonObject) -> None:
+        post = _Post(self, message)
+        after = self._last_ordered
+        if post.request_id is not None:
+            self._requests[post.request_id] = post
+        else:
+            self._last_ordered = post
+        method = message.get("method")
+        if method == "notifications/cancelled":
+            # Some servers keep a cancelled request's stream open for ever; nobody waits for it now.
+            params = message.get("params")
+            cancelled = self._requests.get(params.get("requestId")) if isinstance(params, dict) else None
+            if cancelled is not None:
+                post.then(cancelled.cancel)
+        if method == "notifications/initialized" and self._get_task is None:
+            self._get_task = asyncio.create_task(self._listen())
+        if self._closed:
+            post.cancel()
+        elif after is not None and not after.done:
+            after.then(post.start)
+        else:
+            post.start()
+
+    def _forget(self, post: _Post) -> None:
+        self._posts.discard(post)
+        if post.request_id is not None and self._requests.get(post.request_id) is post:
+            del self._requests[post.request_id]
+        if self._last_ordered is post:
+            self._last_ordered = None
+
+    def _deliver(self, data: str | bytes, request_id: object) -> bool:
+        """Pass one received message on; True when it is the answer to `request_id`."""
+        message = json.loads(data)
+        if not isinstance(message, dict):
+            return False
+        is_answer = "method" not in message and message.get("id") == request_id
+        if is_answer and isinstance(result := message.get("result"), dict) and "protocolVersion" in result:
+            self._version = str(result["protocolVersion"])
+        self._sink(message, request_id if isinstance(request_id, int) else None)
+        return is_answer
+
+    async def _listen(self) -> None:
+        """The upstream's GET stream: its requests and notifications that belong to no request."""
+        try:
+            async with self._http.get(
+                self._settings.url, headers=self._headers(accept="text/event-stream")
+            ) as resp:
+                if resp.status != 200:
+                    return  # 405: this server has no standalone stream, which the spec allows
+                async for event in read_events(resp.content):
+                    message = json.loads(event.data)
+                    if isinstance(message, dict):
+                        self._sink(message, None)
+        except (aiohttp.ClientError, ValueError) as exc:
+            log.info("upstream %s: GET stream ended: %s", self._settings.name, exc)
+
+    async def close(self) -> None:
+        self._closed = True
+        connecting = [p.connecting for p in self._posts if p.connecting is not None]
+        for post in list(self._posts):
+            post.cancel()
+        await asyncio.gather(*connecting, return_exceptions=True)
+        if self._get_task is not None:
+            self._get_task.cancel()
+            await asyncio.gather(self._get_task, return_exceptions=True)
+        if self._session_id:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with self._http.delete(
+                    self._settings.url, headers=self._headers(accept="application/json")
+                ):
+                    pass
+
+
+MAX_REDIRECTS = 10
+_IGNORE, _JSON, _SSE, _REDIRECT = range(4)
+
+
+class _Post:
+    """One message POSTed to an HTTP upstream, and what its response becomes (an `http1.Receiver`).
+
+    A request's answer and the messages sent on its stream go to the sink as they arrive; a
+    request that gets no answer (a broken connection, an HTTP error, a stream that ends first)
+    gets a JSON-RPC error in its place. Notifications and responses only need to be accepted.
+    """
+
+    __slots__ = (
+        "_after",
+        "_answered",
+        "_body",
+        "_buffer",
+        "_conn",
+        "_mode",
+        "_redirects",
+        "_sse",
+        "_status",
+        "_url",
+        "connecting",
+        "done",
+        "message",
+        "request_id",
+        "upstream",
+    )
+
+    def __init__(self, upstream: HttpUpstream, message: JsonObject) -> None:
+        self.upstream = upstream
+        self.message = message
+        raw_id = message.get("id") if "method" in message else None
+        self.request_id: RequestId | None = raw_id if isinstance(raw_id, str | int) else None
+        self.done = False
+        self._after: list[Callable[[], None]] = []
+        self._answered = False
+        self._body = encode(message)
+        self._url = upstream._url
+        self._redirects = 0
+        self._conn: Connection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self._mode = _IGNORE
+        self._status = 0
+        self._buffer = b""
+        self._sse: SseDecoder | None = None
+        upstream._posts.add(self)
+
+    def then(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once this POST is over (at once if it is)."""
+        if self.done:
+            callback()
+        else:
+            self._after.append(callback)
+
+    # ---- sending ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.done:
+            return
+        conn = self.upstream._pool.take(self._url)
+        if conn is not None:
+            self._send(conn)
+        else:
+            self.connecting = asyncio.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            conn = await self.upstream._pool.connect(self._url)
+        except HttpError as exc:
+            self.fail(exc)
+            return
+        finally:
+            self.connecting = None
+        if self.done:
+            conn.abort()
+        else:
+            self._send(conn)
+
+    def _send(self, conn: Connection) -> None:
+        self._conn = conn
+        conn.send(request_bytes(self._url, self.upstream._post_headers(), self._body), self)
+
+    def cancel(self) -> None:
+        """Stop waiting: the connection is dropped, nothing more is delivered, no error either."""
+        if self.done:
+            return
+        self._finish()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self._conn is not None:
+            self._conn.abort()
+
+    # ---- http1.Receiver ---------------------------------------------------------------------
+
+    def head(self, status: int, headers: dict[str, str]) -> None:
+        if self.done:
+            return
+        self._status = status
+        upstream = self.upstream
+        if self.message.get("method") == "initialize" and "mcp-session-id" in headers:
+            upstream._session_id = headers["mcp-session-id"]
+        content_type = headers.get("content-type", "")
+        if status in (307, 308) and "location" in headers and self._redirects < MAX_REDIRECTS:
+            self._mode = _REDIRECT  # the method and body are kept: POST again at the new place
+            self._url = self._url.join(headers["location"])
+        elif status == 202 or self.request_id is None:
+            if status >= 400:
+                log.warning("upstream %s refused a message: HTTP %d", upstream._settings.name, status)
+            self._mode = _IGNORE
+        elif status >= 400 and not content_type.startswith("application/json"):
+            self.fail(ConnectionError(f"HTTP {status}"))
+        elif content_type.startswith("text/event-stream"):
+            self._mode = _SSE
+            self._sse = SseDecoder()
+        else:
+            self._mode = _JSON
+
+    def data(self, chunk: bytes) -> None:
+        if self.done:
+            return
+        if self._mode == _JSON:
+            self._buffer += chunk
+        elif self._mode == _SSE:
+            assert self._sse is not None
+            try:
+                for event in self._sse.feed(chunk):
+                    self._answered = self.upstream._deliver(event.data, self.request_id) or self._answered
+            except ValueError as exc:
+                self.fail(exc)
+
+    def end(self) -> None:
+        if self.done:
+            return
+        self._conn = None
+        try:
+            if self._mode == _REDIRECT:
+                self._redirects += 1
+                self.start()
+                return
+            if self._mode == _JSON:
+                self._answered = self.upstream._deliver(self._buffer, self.request_id)
+            elif self._mode == _SSE:
+                assert self._sse is not None
+                for event in self._sse.end():
+                    self._answered = self.upstream._deliver(event.data, self.request_id) or self._answered
+            elif self._mode == _IGNORE:
+                self._finish()
+                return
+        except ValueError as exc:
+            self.fail(exc)
+            return
+        if self._answered:
+            self._finish()
+        else:
+            self.fail(ConnectionError("the upstream ended its answer without a response"))
+
+    def fail(self, error: Exception) -> None:
+        if self.done:
+            return
+        conn, self._conn = self._conn, None
+        self._finish()
+        if conn is not None:
+            conn.abort()  # a response cut short leaves the connection in an unknown state
+        if self.request_id is not None and not self._answered:
+            detail = str(error) or type(error).__name__
+            self.upstream._sink(
+                error_response(self.request_id, UPSTREAM_UNAVAILABLE, f"upstream unavailable: {detail}"), None
+            )
+
+    def _finish(self) -> None:
+        self.done = True
+        self.upstream._forget(self)
+        after, self._after = self._after, []
+        for callback in after:
+            callback()

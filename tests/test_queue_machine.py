@@ -1,0 +1,808 @@
+"""The approval queue as a state machine: random arrivals, decisions, cancels, tool changes, expiry
+and restarts against the real queue, store, limiter and catalog, in front of an in-memory upstream.
+
+The clock is a list cell the machine advances; every rule runs on one event loop, and background
+work (releases, notifications, the expiry task) goes on between and during rules as it would in the
+gateway. After every step the machine reads the store's records and audit log and the upstream's
+record of what it received, and checks the promises of the life cycle against them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import json
+import logging
+import os
+import pathlib
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from approvals.channels import Change, Channels
+from approvals.config import Principal, Settings
+from approvals.jsonrpc import JsonObject
+from approvals.limits import RateLimiter
+from approvals.policy import Decision, Limit
+from approvals.proxy.gate import Hold, ToolCall
+from approvals.queue import ApprovalQueue, DecisionError
+from approvals.store.records import FINAL, Approval, AuditEvent, Status, canonical_json, sha256_of
+from approvals.store.sqlite import SqliteStore
+from approvals.tool_catalog import ToolCatalog, fingerprint
+from tests.conftest import settings_for
+
+T = TypeVar("T")
+WAIT = 30.0  # the bound on every step: a release that sleeps for a rate-limit window fails the test
+NOW = 1_800_000_000.0  # the start of a UTC hour
+UPSTREAM = "demo"
+TOOL = "send"
+OWNERS = {"agent-a": "alice", "agent-b": "bob"}
+UNKNOWN_ID = "0" * 32
+MAX_PENDING = 3
+DEFAULT_TIMEOUT = 600.0
+# Hour windows, longer than any approval timeout: a release refused by a limit can never fit before
+# its expiry, so it expires at once instead of sleeping (the loop's sleep is in real seconds).
+LIMITS = (Limit("sends", "hour", 4, "grant"), Limit("all_sends", "hour", 7, "global"))
+LIMIT_MAX = {limit.counter: limit.max for limit in LIMITS}
+SEND_VERSIONS: tuple[JsonObject | None, ...] = (
+    {"name": TOOL, "description": "Send a message.", "inputSchema": {"type": "object"}},
+    {"name": TOOL, "description": "Send a message to anyone, now.", "inputSchema": {"type": "object"}},
+    {"name": TOOL, "description": "Send a message.", "inputSchema": {"type": "object", "required": ["to"]}},
+    None,  # the upstream no longer lists it
+)
+READ_TOOL: JsonObject = {"name": "read", "inputSchema": {"type": "object"}}
+LIVE: frozenset[Status] = frozenset({"pending", "approved", "released"})
+RELEASED: frozenset[Status] = frozenset({"released", "completed", "failed"})
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-2, 2)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=2), inner, max_size=2),
+    max_leaves=4,
+)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """The upstream answered a tools/list asked for `session`; `send_sha256` of what it listed."""
+
+    session: str | None
+    ok: bool
+    send_sha256: str  # "" when the listing failed or did not include the tool
+
+
+@dataclass(frozen=True)
+class Called:
+    """The upstream received a tools/call, with these arguments, preferring `session`."""
+
+    session: str | None
+    tool: str
+    arguments: JsonObject
+
+
+@dataclass(frozen=True)
+class Moved:
+    """The store committed a transition of an approval (logged beside the upstream's requests)."""
+
+    approval_id: str
+    to: Status
+
+
+Seen = Listed | Called | Moved
+
+
+class MemoryUpstream:
+    """The in-memory `UpstreamCaller`: lists `send` as currently defined, records every request."""
+
+    def __init__(self) -> None:
+        self.send: JsonObject | None = SEND_VERSIONS[0]
+        self.listing_fails = False
+        self.seen: list[Seen] = []  # one timeline of requests and of transitions
+        self.answering = asyncio.Event()  # cleared: calls are received, then held unanswered
+        self.answering.set()
+        self.listing = asyncio.Event()  # cleared: tools/list waits, then lists what is defined then
+        self.listing.set()
+
+    def tools(self) -> list[JsonObject]:
+        return [copy.deepcopy(tool) for tool in (self.send, READ_TOOL) if tool is not None]
+
+    async def call(
+        self, upstream: str, method: str, params: JsonObject, *, prefer_session: str | None = None
+    ) -> JsonObject:
+        assert upstream == UPSTREAM
+        await asyncio.sleep(0)  # answered later, as over a pipe: other tasks run in the meantime
+        if method == "tools/list":
+            await self.listing.wait()
+            if self.listing_fails:
+                self.seen.append(Listed(prefer_session, ok=False, send_sha256=""))
+                return {"jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "cannot list"}}
+            self.seen.append(Listed(prefer_session, ok=True, send_sha256=fingerprint(self.send)[1]))
+            return {"jsonrpc": "2.0", "id": 1, "result": {"tools": self.tools()}}
+        assert method == "tools/call", method
+        arguments = params["arguments"]
+        self.seen.append(Called(prefer_session, params["name"], copy.deepcopy(arguments)))
+        await self.answering.wait()
+        if arguments.get("fail") is True:
+            return {"jsonrpc": "2.0", "id": 1, "error": {"code": -32000, "message": "mailbox full"}}
+        text = f"sent {arguments['call']}"
+        return {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": text}]}}
+
+
+class LoggedStore(SqliteStore):
+    """The real store, which also notes each committed transition on the upstream's timeline."""
+
+    timeline: list[Seen]
+
+    async def transition(
+        self,
+        approval_id: str,
+        *,
+        from_: Collection[Status],
+        to: Status,
+        actor: str,
+        channel: str,
+        event: str | None = None,
+        **fields: object,
+    ) -> Approval | None:
+        moved = await super().transition(
+            approval_id, from_=from_, to=to, actor=actor, channel=channel, event=event, **fields
+        )
+        if moved is not None:
+            self.timeline.append(Moved(approval_id, to))
+        return moved
+
+
+class Announcements:
+    """A channel that keeps what it is told, and fails to post new requests (as Slack may)."""
+
+    name = "recorder"
+
+    def __init__(self, *, failing: bool = True) -> None:
+        self.seen: list[tuple[Change, Approval]] = []
+        self._failing = failing
+
+    async def announce(self, approval: Approval, change: Change) -> None:
+        self.seen.append((change, approval))
+        if change == "created" and self._failing:
+            raise ConnectionError("the channel is down")
+
+
+class Wakeup(asyncio.Event):
+    """The queue's wake-up event; `asleep` is set while the expiry task waits on it with nothing to do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asleep = asyncio.Event()
+
+    async def wait(self) -> Literal[True]:
+        # The expiry task calls this through wait_for; on 3.11 a zero timeout (something is due)
+        # cancels the wait before it starts, so only a real sleep ever shows as `asleep`.
+        if not self.is_set():
+            self.asleep.set()
+        try:
+            return await super().wait()
+        finally:
+            self.asleep.clear()
+
+
+class ErrorLog(logging.Handler):
+    """Keeps every error a background task logs (a failed release is only logged, never raised)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def call_limits(upstream: str, tool: str, arguments: Mapping[str, object]) -> Sequence[Limit]:
+    return LIMITS
+
+
+def decision(timeout: float | None) -> Decision:
+    return Decision(
+        action="require_approval",
+        rule=TOOL,
+        code="approval_required",
+        reason=None,
+        explanation="sending needs a human",
+        limits=LIMITS,
+        approval_timeout=timeout,
+    )
+
+
+async def open_queue(
+    settings: Settings,
+    path: pathlib.Path,
+    upstream: MemoryUpstream,
+    clock: Callable[[], float],
+    channel: Announcements,
+) -> ApprovalQueue:
+    """A started queue over a real store, limiter and catalog, as the gatekeeper builds it."""
+    store = await LoggedStore.open(path, clock=clock)
+    assert isinstance(store, LoggedStore)
+    store.timeline = upstream.seen
+    limiter = RateLimiter(store, clock=clock)
+    await limiter.start()
+    queue = ApprovalQueue(
+        settings,
+        store,
+        limiter,
+        upstream,
+        ToolCatalog(upstream),
+        Channels(store, [channel]),
+        call_limits,
+        clock=clock,
+    )
+    queue._wakeup = Wakeup()
+    await queue.start()
+    return queue
+
+
+async def close_queue(queue: ApprovalQueue) -> None:
+    await queue.close()
+    await queue.channels.close()
+    await queue.limiter.close()
+    store = queue.store
+    assert isinstance(store, SqliteStore)
+    await store.close()
+
+
+async def _bounded(coro: Coroutine[Any, Any, T]) -> T:
+    async with asyncio.timeout(WAIT):
+        return await coro
+
+
+async def _decide(
+    queue: ApprovalQueue, approval_id: str, reviewer: Principal, approve: bool
+) -> Approval | int:
+    """The decided record, or the HTTP status of the refusal."""
+    try:
+        return await queue.decide(
+            approval_id, reviewer, approve=approve, reason=None if approve else "not now", channel="web"
+        )
+    except DecisionError as refused:
+        return refused.status
+
+
+class QueueMachine(RuleBasedStateMachine):
+    """Random arrivals, decisions, cancels, tool changes, clock moves, expiry and restarts of one queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = [NOW]
+        self._dir = tempfile.TemporaryDirectory()
+        self._path = pathlib.Path(self._dir.name)
+        self._runner = asyncio.Runner()
+        self._errors = ErrorLog()
+        for name in ("approvals.queue", "asyncio"):
+            logging.getLogger(name).addHandler(self._errors)
+        self.settings = settings_for(
+            self._path,
+            {UPSTREAM: {"command": ["x"]}},
+            approvals={"timeout": "10m", "max_pending_per_grant": MAX_PENDING},
+        )
+        self.upstream = MemoryUpstream()
+        self.channel = Announcements()
+        self.queue = self._run(self._open())
+        self.calls: list[tuple[str, JsonObject]] = []  # every (grant, arguments) asked, to repeat
+        self.admitted: dict[str, JsonObject] = {}  # by the session that opened the request
+        self.ids: list[str] = []  # in the order they were first seen, so draws replay
+        self.grant_of: dict[str, str] = {}
+        self.holds: dict[str, list[Hold]] = defaultdict(list)  # calls held on this queue
+        self.first_tool_sha: dict[str, str] = {}
+        self.finals: dict[str, tuple[Status, int, float | None, str | None]] = {}
+        self.unannounced: set[str] = set()  # final when the process stopped: its news may be lost
+        self._counter = itertools.count()
+
+    def clock(self) -> float:
+        return self.now[0]
+
+    @property
+    def store(self) -> SqliteStore:
+        store = self.queue.store
+        assert isinstance(store, SqliteStore)
+        return store
+
+    @property
+    def wakeup(self) -> Wakeup:
+        assert isinstance(self.queue._wakeup, Wakeup)
+        return self.queue._wakeup
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(_bounded(coro))
+
+    async def _open(self) -> ApprovalQueue:
+        return await open_queue(self.settings, self._path / "a.db", self.upstream, self.clock, self.channel)
+
+    def teardown(self) -> None:
+        try:
+            self._run(close_queue(self.queue))
+        finally:
+            for name in ("approvals.queue", "asyncio"):
+                logging.getLogger(name).removeHandler(self._errors)
+            self._runner.close()
+            self._dir.cleanup()
+
+    def _busy(self) -> bool:
+        """Whether a release (or other queue task) is in flight and may move a record meanwhile."""
+        return bool(self.queue._tasks)
+
+    # ---- arrivals ------------------------------------------------------------------------------
+
+    def _draw_call(self, data: st.DataObject) -> tuple[str, JsonObject]:
+        repeat: bool = len(self.calls) > 0 and data.draw(st.booleans(), label="repeat")
+        if repeat:
+            earlier_grant, earlier = data.draw(st.sampled_from(self.calls), label="earlier call")
+            return data.draw(st.sampled_from([earlier_grant, *OWNERS]), label="grant"), earlier
+        arguments: JsonObject = {"call": f"c{next(self._counter)}", "to": data.draw(JSON_VALUES, label="to")}
+        if data.draw(st.sampled_from([False, False, False, True]), label="upstream fails it"):
+            arguments["fail"] = True
+        grant = data.draw(st.sampled_from(sorted(OWNERS)), label="grant")
+        self.calls.append((grant, arguments))
+        return grant, arguments
+
+    @rule(data=st.data(), timeout=st.sampled_from([60.0, 300.0, None]))
+    def admit(self, data: st.DataObject, timeout: float | None) -> None:
+        grant, arguments = self._draw_call(data)
+        self._run(self._admit(grant, arguments, timeout, 1))
+
+    @rule(data=st.data(), timeout=st.sampled_from([60.0, None]), copies=st.integers(2, 3))
+    def admit_together(self, data: st.DataObject, timeout: float | None, copies: int) -> None:
+        grant, arguments = self._draw_call(data)
+        self._run(self._admit(grant, arguments, timeout, copies))
+
+    async def _admit(self, grant: str, arguments: JsonObject, timeout: float | None, copies: int) -> None:
+        sessions = [f"s{next(self._counter)}" for _ in range(copies)]
+        admissions = await asyncio.gather(
+            *(
+                self.queue.admit(ToolCall(UPSTREAM, grant, session, TOOL, arguments), decision(timeout))
+                for session in sessions
+            )
+        )
+        held: set[str] = set()
+        for session, admission in zip(sessions, admissions, strict=True):
+            if admission.hold is None:
+                assert admission.answer is not None
+                assert admission.answer["isError"] is True
+                code = admission.answer["_meta"]["approvals"]["code"]
+                assert code in ("rate_limited", "too_many_pending"), code
+                event(f"admit refused: {code}")
+                continue
+            approval = await self.store.get_approval(admission.hold.approval_id)
+            assert approval is not None
+            assert (approval.grant, approval.upstream, approval.tool) == (grant, UPSTREAM, TOOL)
+            assert approval.args_sha256 == sha256_of(arguments)
+            held.add(approval.id)
+            if approval.id not in self.ids:
+                self.ids.append(approval.id)
+                self.grant_of[approval.id] = grant
+            self.holds[approval.id].append(admission.hold)
+            if approval.session_id == session:  # this call opened the request
+                event("admit: new request")
+                assert approval.id not in self.first_tool_sha
+                self.admitted[session] = arguments
+                self.first_tool_sha[approval.id] = approval.tool_sha256
+                assert canonical_json(json.loads(approval.arguments_json)) == canonical_json(arguments)
+                assert approval.owner == OWNERS[grant]
+                assert approval.expires_at == approval.created_at + (timeout or DEFAULT_TIMEOUT)
+            else:
+                event(f"admit: attached to a {approval.status} request")
+        # Identical calls arriving together find one another: one request at most.
+        assert len(held) <= 1, held
+
+    # ---- decisions -----------------------------------------------------------------------------
+
+    def _draw_id(self, data: st.DataObject) -> str:
+        return data.draw(st.sampled_from([*self.ids, UNKNOWN_ID]), label="approval")
+
+    @rule(data=st.data(), approve=st.booleans())
+    def decide(self, data: st.DataObject, approve: bool) -> None:
+        approval_id = self._draw_id(data)
+        reviewer = data.draw(st.sampled_from(self.settings.reviewers), label="reviewer")
+        self._run(self._decide(approval_id, [(reviewer, approve)]))
+
+    @precondition(lambda self: bool(self.ids))
+    @rule(data=st.data())
+    def approve(self, data: st.DataObject) -> None:
+        # Most decisions in `decide` are refused; this one is a reviewer who may approve.
+        approval_id = data.draw(st.sampled_from(self.ids), label="approval")
+        owner = OWNERS[self.grant_of[approval_id]]
+        reviewer = next(r for r in self.settings.reviewers if r.name != owner)
+        self._run(self._decide(approval_id, [(reviewer, True)]))
+
+    @precondition(lambda self: bool(self.ids))
+    @rule(data=st.data(), first=st.booleans(), second=st.booleans())
+    def decide_together(self, data: st.DataObject, first: bool, second: bool) -> None:
+        approval_id = data.draw(st.sampled_from(self.ids), label="approval")
+        reviewers = data.draw(st.lists(st.sampled_from(self.settings.reviewers), min_size=2, max_size=2))
+        self._run(self._decide(approval_id, [(reviewers[0], first), (reviewers[1], second)]))
+
+    async def _decide(self, approval_id: str, decisions: list[tuple[Principal, bool]]) -> None:
+        before = await self.store.get_approval(approval_id)
+        busy, now = self._busy(), self.clock()
+        outcomes = await asyncio.gather(
+            *(_decide(self.queue, approval_id, reviewer, approve) for reviewer, approve in decisions)
+        )
+        after = await self.store.get_approval(approval_id)
+        if before is None:
+            assert outcomes == [404] * len(decisions)
+            return
+        assert after is not None
+        eligible = [d for d in decisions if d[0].name != before.owner]
+        for (reviewer, approve), outcome in zip(decisions, outcomes, strict=True):
+            if reviewer.name == before.owner:
+                assert outcome == 403, "a reviewer approved their own agent's call"
+                continue
+            if isinstance(outcome, Approval):
+                assert outcome.status == ("approved" if approve else "denied")
+                assert outcome.decided_by == reviewer.name
+                assert outcome.decided_at == now < outcome.expires_at
+                event(f"decide: {outcome.status}")
+            else:
+                assert outcome == 409, outcome
+                event(f"decide: 409 on {before.status}")
+            lapsed = before.status == "pending" and now >= before.expires_at
+            # A release in flight may send an approved record back to pending meanwhile.
+            decided = before.status != "pending" and (before.status in FINAL or not busy)
+            if lapsed or decided:
+                assert outcome == 409
+        wins = [outcome for outcome in outcomes if isinstance(outcome, Approval)]
+        assert len(wins) <= 1, "two decisions won"
+        if eligible and before.status == "pending":
+            if now >= before.expires_at:
+                assert after.status == "expired"
+            else:
+                assert len(wins) == 1, "no decision won on a pending request"
+        if wins and wins[0].status == "denied":
+            assert after.status == "denied"
+
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        self._run(self._cancel(self._draw_id(data)))
+
+    async def _cancel(self, approval_id: str) -> None:
+        before = await self.store.get_approval(approval_id)
+        busy, now = self._busy(), self.clock()
+        await self.queue.cancel(approval_id, "the client went away")
+        after = await self.store.get_approval(approval_id)
+        if before is None:
+            assert after is None
+            return
+        assert after is not None
+        event(f"cancel: {before.status} -> {after.status}")
+        if before.status in FINAL:
+            assert (after.status, after.version) == (before.status, before.version)
+        elif before.status == "pending":
+            assert after.status in (("cancelled", "expired") if now >= before.expires_at else ("cancelled",))
+        elif not busy:
+            assert after.status == before.status, "cancel withdrew an approved call"
+
+    # ---- the world around the queue ------------------------------------------------------------
+
+    @rule(
+        version=st.sampled_from(range(len(SEND_VERSIONS))),
+        listing_fails=st.sampled_from([False, False, False, True]),
+    )
+    def change_tool(self, version: int, listing_fails: bool) -> None:
+        self.upstream.send = SEND_VERSIONS[version]
+        self.upstream.listing_fails = listing_fails
+
+    @rule()
+    def client_lists_tools(self) -> None:
+        self._run(self._client_lists_tools())
+
+    async def _client_lists_tools(self) -> None:
+        # A client's tools/list passing through the proxy refreshes the catalog, as the gatekeeper does.
+        answer = await self.upstream.call(UPSTREAM, "tools/list", {}, prefer_session="client")
+        if "result" in answer:
+            self.queue.catalog.remember(UPSTREAM, answer["result"]["tools"])
+
+    @rule(answering=st.booleans())
+    def upstream_answers(self, answering: bool) -> None:
+        # Held calls stay released, in flight, across decisions, expiry and restarts.
+        if answering:
+            self.upstream.answering.set()
+        else:
+            self.upstream.answering.clear()
+
+    @rule(seconds=st.sampled_from([1.0, 59.0, 61.0, 299.0, 601.0, 3600.0]))
+    def advance(self, seconds: float) -> None:
+        self.now[0] += seconds
+
+    @precondition(lambda self: bool(self.ids))
+    @rule(data=st.data(), seconds=st.sampled_from([1.0, 61.0, 601.0]))
+    def approve_then_advance(self, data: st.DataObject, seconds: float) -> None:
+        # Time passes between a decision and its release (a slow loop, a slow upstream).
+        self.approve(data)
+        self.now[0] += seconds
+
+    @rule()
+    def expire(self) -> None:
+        self._run(self._expire())
+
+    async def _expire(self) -> None:
+        """Wake the real expiry task and wait until it sleeps again with nothing due."""
+        due = await self.store.due_for_expiry(self.clock())
+        event(f"expire: {min(len(due), 2)}+ due")
+        while True:
+            self.wakeup.asleep.clear()
+            self.wakeup.set()
+            await self.wakeup.asleep.wait()
+            if not await self.store.due_for_expiry(self.clock()):
+                return
+
+    @rule()
+    def settle(self) -> None:
+        self._run(self._settle())
+
+    async def _settle(self) -> None:
+        """Wait for every release and notification in flight, and for the expiry task to sleep."""
+        self.upstream.answering.set()
+        while True:
+            await self.wakeup.asleep.wait()
+            tasks = [*self.queue._tasks, *self.queue.channels._tasks]
+            if not tasks:
+                break
+            await asyncio.gather(*tasks, return_exceptions=True)
+        approvals = await self.store.list_approvals(limit=10_000)
+        # Every release ran to its end: nothing is left approved or released.
+        assert not [a for a in approvals if a.status in ("approved", "released")]
+        announced = {(approval.id, approval.status) for change, approval in self.channel.seen}
+        for approval in approvals:
+            if approval.status in FINAL and approval.id not in self.unannounced:
+                assert (approval.id, approval.status) in announced, "a final state was never announced"
+            for hold in self.holds.get(approval.id, []):
+                outcome = await hold.wait(0)
+                if approval.status not in FINAL:
+                    assert outcome is None
+                    continue
+                assert outcome is not None, "a held call never got the outcome"
+                if approval.status == "completed":
+                    assert outcome["result"]["content"][0]["text"].startswith("sent ")
+                elif approval.status == "failed" and approval.reason is None:
+                    assert "error" in outcome
+                else:
+                    meta = outcome["result"]["_meta"]["approvals"]
+                    assert (meta["approval_id"], meta["status"]) == (approval.id, approval.status)
+
+    @precondition(lambda self: any(self.holds.values()))
+    @rule(data=st.data())
+    def deliver(self, data: st.DataObject) -> None:
+        held = data.draw(st.sampled_from([i for i, holds in self.holds.items() if holds]))
+        self._run(self._deliver(self.holds[held][0]))
+
+    async def _deliver(self, hold: Hold) -> None:
+        if await hold.wait(0) is not None:
+            hold.delivered()  # the client got it: a repeat call is a new request
+
+    # Restart only early in an hour window: whatever was admitted before has then expired before the
+    # window ends, so a release that lost its arrival count expires rather than sleeps for room.
+    @precondition(lambda self: self.now[0] % 3600 <= 3000)
+    @rule()
+    def restart(self) -> None:
+        self._run(self._restart())
+
+    @precondition(lambda self: self.now[0] % 3600 <= 3000 and bool(self.ids))
+    @rule(data=st.data())
+    def approve_then_restart(self, data: st.DataObject) -> None:
+        # The process stops right after a decision, before its release ran.
+        self.approve(data)
+        self._run(self._restart())
+
+    async def _restart(self) -> None:
+        event(f"restart with {min(len(self.queue._tasks), 2)}+ tasks in flight")
+        await close_queue(self.queue)
+        self.holds.clear()  # the clients' connections went with the process
+        # Stopping cancels notifications in flight (Channels.close), so news of these may be lost.
+        store = await SqliteStore.open(self._path / "a.db")
+        self.unannounced |= {a.id for a in await store.list_approvals(limit=10_000) if a.status in FINAL}
+        await store.close()
+        self.queue = await self._open()
+
+    # ---- what must always hold -----------------------------------------------------------------
+
+    @invariant()
+    def life_cycle_holds(self) -> None:
+        self._run(self._check())
+
+    async def _check(self) -> None:
+        assert not self._errors.records, [r.getMessage() for r in self._errors.records]
+        assert self.queue._expiry is not None
+        assert not self.queue._expiry.done(), "the expiry task stopped"
+        # Releases go on while the store is read: what the upstream saw first, so that every call
+        # in this copy was preceded by the transition the records then show.
+        seen: list[Seen] = list(self.upstream.seen)
+        approvals = await self.store.list_approvals(limit=10_000)
+        events: dict[str, list[AuditEvent]] = defaultdict(list)
+        for audit in await self.store.audit_events(limit=1_000_000):
+            events[audit.approval_id].append(audit)
+        by_session = {approval.session_id: approval for approval in approvals}
+        assert len(by_session) == len(approvals) == len(self.first_tool_sha)
+        made: dict[str, list[int]] = defaultdict(list)
+        for index, request in enumerate(seen):
+            if isinstance(request, Called):
+                asked = by_session.get(request.session or "")
+                assert asked is not None, f"the upstream received a call nobody approved: {request}"
+                made[asked.id].append(index)
+        live: Counter[tuple[str, str, str]] = Counter()
+        for approval in approvals:
+            if any(e.event == "tool_changed" for e in events[approval.id]):
+                event(f"tool changed, then {approval.status}")
+            if approval.status == "expired" and any(e.event == "approved" for e in events[approval.id]):
+                event(f"expired after an approval: {approval.reason}")
+            self._check_final(approval)
+            calls = made[approval.id]
+            assert len(calls) <= 1, "the upstream received one approval's call more than once"
+            if approval.status in LIVE:
+                live[(approval.grant, approval.tool, approval.args_sha256)] += 1
+            if approval.status in RELEASED:
+                self._check_released(approval, events[approval.id], seen, calls)
+            else:
+                assert not calls, f"the upstream received the call of a {approval.status} approval"
+            if approval.status == "completed" or (approval.status == "failed" and approval.reason is None):
+                assert len(calls) == 1
+        assert set(self.finals) <= {approval.id for approval in approvals}
+        assert max(live.values(), default=0) <= 1, "a repeat call opened a second request"
+        for (counter, _, _), value in self.queue.limiter.snapshot().items():
+            assert value <= LIMIT_MAX[counter]
+
+    def _check_final(self, approval: Approval) -> None:
+        if approval.status in FINAL:
+            state = (approval.status, approval.version, approval.finished_at, approval.decided_by)
+            assert self.finals.setdefault(approval.id, state) == state, "a final state changed"
+        else:
+            assert approval.id not in self.finals, "a final state changed"
+
+    def _check_released(
+        self, approval: Approval, events: list[AuditEvent], seen: list[Seen], calls: list[int]
+    ) -> None:
+        approved = [e for e in events if e.event == "approved"]
+        assert approved, "released without an approval"
+        last = approved[-1]
+        assert last.actor != approval.owner, "released on its owner's approval"
+        assert last.actor == approval.decided_by
+        assert last.at < approval.expires_at, "released on an approval given after the expiry"
+        released = [e for e in events if e.event == "released"]
+        assert len(released) == 1
+        assert released[0].seq > last.seq
+        changed = [e.seq for e in events if e.event == "tool_changed"]
+        assert all(seq < last.seq for seq in changed), "released without a look at the new definition"
+        if self.first_tool_sha[approval.id] != approval.tool_sha256:
+            assert changed, "the definition changed but the approval was not sent back"
+        event(f"{approval.status} after {len(changed)} tool change(s)")
+        if approval.reason == "interrupted":
+            event(f"interrupted by a restart after {len(calls)} call(s)")
+        if not calls:
+            return
+        called = seen[calls[0]]
+        assert isinstance(called, Called)
+        stored = json.loads(approval.arguments_json)
+        assert called.tool == approval.tool
+        assert canonical_json(called.arguments) == canonical_json(stored)
+        assert called.arguments == stored
+        assert sha256_of(called.arguments) == approval.args_sha256
+        assert canonical_json(self.admitted[approval.session_id]) == canonical_json(stored)
+        # The definition the reviewer approved is one the upstream listed after the decision.
+        decided = max(
+            i for i, moved in enumerate(seen[: calls[0]]) if moved == Moved(approval.id, "approved")
+        )
+        listed = [request for request in seen[decided : calls[0]] if isinstance(request, Listed)]
+        assert listed, "released without listing the tools after the decision"
+        assert approval.tool_sha256 in {request.send_sha256 for request in listed}, (
+            "released under another definition than the one approved"
+        )
+        if not approval.tool_sha256:
+            event("released without a definition to check")
+
+
+QueueMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("QUEUE_MACHINE_EXAMPLES", "60")),
+    stateful_step_count=50,
+    deadline=None,  # each step fsyncs; disk latency is not what this test is about
+    database=None,  # no .hypothesis/ directory in the working tree
+    # No explain phase: tracing every line of the queue, the store and aiosqlite's thread takes minutes.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_queue_life_cycle = QueueMachine.TestCase
+test_queue_life_cycle.__doc__ = "Approvals driven at random through the queue keep the life cycle's promises."
+
+
+# ---- what the machine found, pinned one by one -------------------------------------------------
+
+
+@asynccontextmanager
+async def running_queue(
+    tmp_path: pathlib.Path,
+) -> AsyncIterator[tuple[ApprovalQueue, MemoryUpstream, list[float]]]:
+    """A started queue in front of a MemoryUpstream, and the clock cell it reads."""
+    now = [NOW]
+    upstream = MemoryUpstream()
+    settings = settings_for(tmp_path, {UPSTREAM: {"command": ["x"]}}, approvals={"timeout": "10m"})
+    queue = await open_queue(
+        settings, tmp_path / "a.db", upstream, lambda: now[0], Announcements(failing=False)
+    )
+    try:
+        yield queue, upstream, now
+    finally:
+        await close_queue(queue)
+
+
+def reviewer(settings: Settings, name: str) -> Principal:
+    return next(r for r in settings.reviewers if r.name == name)
+
+
+async def test_arguments_with_a_lone_surrogate_are_held_and_released_exactly(tmp_path: pathlib.Path) -> None:
+    """A "\\ud800" escape the proxy accepts is held, approved and released exactly as received."""
+    arguments: JsonObject = {"call": "c0", "to": "\ud800"}
+    async with running_queue(tmp_path) as (queue, upstream, _):
+        admission = await queue.admit(ToolCall(UPSTREAM, "agent-a", "s0", TOOL, arguments), decision(None))
+        assert admission.hold is not None
+        bob = reviewer(queue.settings, "bob")
+        await queue.decide(admission.hold.approval_id, bob, approve=True, reason=None, channel="web")
+        outcome = await admission.hold.wait(WAIT)
+        assert outcome is not None
+        assert "result" in outcome
+        assert [seen for seen in upstream.seen if isinstance(seen, Called)] == [Called("s0", TOOL, arguments)]
+
+
+async def test_an_approval_given_in_time_is_not_expired_while_its_release_runs(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Approved a second before the timeout, with the release's tools/list slow: the call is made."""
+    async with running_queue(tmp_path) as (queue, upstream, now):
+        arguments: JsonObject = {"call": "c0", "to": "ann"}
+        admission = await queue.admit(ToolCall(UPSTREAM, "agent-a", "s0", TOOL, arguments), decision(60.0))
+        assert admission.hold is not None
+        approval_id = admission.hold.approval_id
+        now[0] += 59
+        upstream.listing.clear()  # the release's check of the definition takes a while
+        bob = reviewer(queue.settings, "bob")
+        await queue.decide(approval_id, bob, approve=True, reason=None, channel="web")
+        now[0] += 2  # the timeout passes while the upstream lists its tools
+        wakeup = queue._wakeup
+        assert isinstance(wakeup, Wakeup)
+        wakeup.asleep.clear()
+        wakeup.set()
+        await asyncio.wait_for(wakeup.asleep.wait(), WAIT)
+        upstream.listing.set()
+        outcome = await admission.hold.wait(WAIT)
+        record = await queue.store.get_approval(approval_id)
+        assert record is not None
+        assert (record.status, record.decided_by) == ("completed", "bob")
+        assert outcome is not None
+        assert "result" in outcome
+
+
+async def test_a_release_whose_definition_cannot_be_listed_goes_back_for_review(
+    tmp_path: pathlib.Path,
+) -> None:
+    """tools/list failing at the request and at the release: the call is not made unchecked."""
+    async with running_queue(tmp_path) as (queue, upstream, _):
+        upstream.listing_fails = True
+        arguments: JsonObject = {"call": "c0", "to": "ann"}
+        admission = await queue.admit(ToolCall(UPSTREAM, "agent-a", "s0", TOOL, arguments), decision(None))
+        assert admission.hold is not None
+        approval_id = admission.hold.approval_id
+        bob = reviewer(queue.settings, "bob")
+        await queue.decide(approval_id, bob, approve=True, reason=None, channel="web")
+        while queue._tasks:
+            await asyncio.gather(*queue._tasks)
+        record = await queue.store.get_approval(approval_id)
+        assert record is not None
+        assert record.status == "pending"
+        events = [e.event for e in await queue.store.audit_events(approval_id=approval_id)]
+        assert events[-1] == "tool_changed"
+        assert not [seen for seen in upstream.seen if isinstance(seen, Called)]
