@@ -315,7 +315,7 @@ class Pool:
             tls = self._ssl
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(
+                transport, conn = await loop.create_connection(
                     lambda: Connection(self, url.origin),
                     url.host,
                     url.port,
@@ -326,6 +326,8 @@ class Pool:
             raise HttpError(f"cannot connect to {url.host}:{url.port}: timed out") from None
         except OSError as exc:
             raise HttpError(f"cannot connect to {url.host}:{url.port}: {exc.strerror or exc}") from None
+        # Some loops (uvloop) may call connection_made only after create_connection returns.
+        conn.transport = conn.transport or transport
         return conn
 
     def put(self, conn: Connection) -> None:
