@@ -244,12 +244,7 @@ class Session:
     def on_upstream_closed(self, reason: str) -> None:
         """The upstream is gone: every waiting request gets an error now, rather than hanging."""
         self.closed_reason = f"upstream {self.upstream_name} is gone: {reason}"
-        for exchange in list(self._exchanges.values()):
-            self._answer(
-                exchange, error_response(exchange.upstream_id, UPSTREAM_UNAVAILABLE, self.closed_reason)
-            )
-        for outbox in self._streams:
-            outbox.put_nowait(None)
+        self._end_all(self.closed_reason)
         if self.on_close is not None:
             self.on_close(self)
 
@@ -260,11 +255,13 @@ class Session:
         for request_id in list(self.held):
             self._cancel_hold(request_id, "the client's session ended")
         await asyncio.gather(*self._background, return_exceptions=True)
-        for exchange in list(self._exchanges.values()):
-            self._answer(
-                exchange, error_response(exchange.upstream_id, UPSTREAM_UNAVAILABLE, self.closed_reason)
-            )
-        for outbox in self._streams:
-            outbox.put_nowait(None)
+        self._end_all(self.closed_reason)
         if self.connection is not None:
             await self.connection.close()
+
+    def _end_all(self, reason: str) -> None:
+        """Answer every request in flight with `reason` as an error, and end every client stream."""
+        for exchange in list(self._exchanges.values()):
+            self._answer(exchange, error_response(exchange.upstream_id, UPSTREAM_UNAVAILABLE, reason))
+        for outbox in self._streams:
+            outbox.put_nowait(None)
