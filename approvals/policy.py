@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard, TypeVar
 
 from approvals.durations import parse_duration
-from approvals.errors import ApprovalsError
+from approvals.errors import ApprovalsError, Issue
 
 Window = Literal["second", "minute", "hour", "day"]
 Scope = Literal["grant", "session", "global"]
@@ -74,12 +74,9 @@ class PolicyError(ApprovalsError):
         super().__init__("\n".join(f"{issue.path}: {issue.message}" for issue in self.errors))
 
 
-@dataclass(frozen=True, slots=True)
-class PolicyIssue:
-    """One problem in a policy: where it is (`tools.x.limits[0].max`) and what is expected."""
-
-    path: str
-    message: str
+# One problem in a policy: where it is (`tools.x.limits[0].max`) and what is expected. The same
+# type as a config problem, so `approvals check` reports both without converting.
+PolicyIssue = Issue
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ def read_policy(path: Path) -> Policy:
     try:
         return load_policy(text, str(path))
     except PolicyError as exc:
-        raise ConfigError(str(path), [Issue(e.path, e.message) for e in exc.errors]) from None
+        raise ConfigError(str(path), exc.errors) from None
 
 
 def check_policies(settings: Settings) -> dict[str, Policy]:
