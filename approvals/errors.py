@@ -4,7 +4,9 @@
     ├── ConfigError        config file or policy invalid; carries every issue with its path
     ├── ProtocolError      a client sent something MCP / JSON-RPC does not allow; carries the
     │                      JSON-RPC error code and the HTTP status to answer with
-    └── UpstreamError      the upstream MCP server could not be reached, died or answered badly
+    ├── UpstreamError      the upstream MCP server could not be reached, died or answered badly
+    ├── PolicyError        (approvals.policy) a policy file is invalid; carries every issue
+    └── StoreError         (approvals.store) the database failed; nothing was decided or released
 
 Errors are turned into HTTP responses and JSON-RPC errors in one place,
 `approvals.proxy.handlers`; the CLI turns `ConfigError` into its printed list.

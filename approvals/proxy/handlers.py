@@ -35,7 +35,6 @@ from approvals.proxy.gateway import Gateway
 from approvals.proxy.hold import stream_hold
 from approvals.proxy.session import Exchange, Session
 from approvals.proxy.sse import SSE_HEADERS, encode_comment, encode_event
-from approvals.store import StoreError
 from approvals.web.keys import GATEWAY, GRANTS
 
 log = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ async def _request(
             call = ToolCall(session.upstream_name, session.grant, session.id, name, arguments)
             try:
                 admission = await gateway.gate.admit(call)
-            except (ApprovalsError, StoreError) as exc:
+            except ApprovalsError as exc:  # a StoreError among them
                 # Fail closed: a call that could not be checked is not forwarded.
                 log.exception("could not admit %s on %s", name, session.upstream_name)
                 return rpc_error(

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Protocol, TypeAlias
 
+from approvals.errors import ApprovalsError
 from approvals.store.records import Approval, AuditEvent, Status
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
 CounterRow: TypeAlias = tuple[str, str, int, float]
 
 
-class StoreError(Exception):
+class StoreError(ApprovalsError):
     """The backing database failed or is unusable; the operation did not happen."""
 
 
