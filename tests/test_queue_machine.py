@@ -712,7 +712,7 @@ QueueMachine.TestCase.settings = settings(
     stateful_step_count=50,
     deadline=None,  # each step fsyncs; disk latency is not what this test is about
     database=None,  # no .hypothesis/ directory in the working tree
-    # No explain phase: tracing every line of the queue, the store and aiosqlite's thread takes minutes.
+    # No explain phase: tracing every line of the queue, the store and the store's thread takes minutes.
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )

@@ -608,18 +608,21 @@ async def test_audit_log_is_append_only_against_raw_sql(store: SqliteStore, tmp_
 
 
 async def test_approval_writes_commit_at_synchronous_full(store: SqliteStore) -> None:
-    """Creations and transitions commit at FULL; the connection is back at NORMAL for counters."""
+    """Creations and transitions commit at FULL; the connection goes back to NORMAL for counters."""
     statements: list[str] = []
-    await store._conn.set_trace_callback(statements.append)
+    await store._db.read(lambda conn: conn.set_trace_callback(statements.append))
     try:
         approval = await created(store)
         await moved(store, approval.id, "approved")
         await store.save_counters([("calls", "*", 60, 1.0)])
     finally:
-        await store._conn.set_trace_callback(None)  # type: ignore[arg-type]  # sqlite3 takes None
+        await store._db.read(lambda conn: conn.set_trace_callback(None))
     marks = [s for s in statements if s.startswith(("PRAGMA synchronous", "BEGIN", "COMMIT"))]
-    durable = ["PRAGMA synchronous=FULL", "BEGIN IMMEDIATE", "COMMIT", "PRAGMA synchronous=NORMAL"]
-    assert marks == [*durable, *durable, "BEGIN IMMEDIATE", "COMMIT"]
+    assert marks == [
+        *("PRAGMA synchronous=FULL", "BEGIN IMMEDIATE", "COMMIT"),  # create
+        *("BEGIN IMMEDIATE", "COMMIT"),  # approve: still FULL
+        *("PRAGMA synchronous=NORMAL", "BEGIN IMMEDIATE", "COMMIT"),  # counters
+    ]
 
 
 async def test_reopened_store_keeps_records_and_audit(tmp_path: pathlib.Path) -> None:

@@ -89,11 +89,21 @@ async def test_v2_database_migrates_to_v3_keeping_its_approvals(tmp_path: pathli
     finally:
         await old.close()
     with sqlite3.connect(path) as conn:  # back to what a v2 gateway left behind
-        conn.execute("DROP TABLE message_refs")
+        conn.execute("DROP TABLE message_refs")  # v3
+        conn.execute("DROP INDEX approvals_pending_grant")  # v4
+        conn.execute("DROP INDEX approvals_pending_expiry")
+        conn.execute(
+            "CREATE INDEX approvals_live_expiry ON approvals (expires_at)"
+            " WHERE status IN ('pending', 'approved')"
+        )
         conn.execute("PRAGMA user_version=2")
     store = await SqliteStore.open(path)
     try:
-        assert await store.schema_version() == len(MIGRATIONS) >= 3
+        assert await store.schema_version() == len(MIGRATIONS) >= 4
+        sql = "SELECT name FROM sqlite_master WHERE type = 'index'"
+        indexes = await store._db.read(lambda conn: {row[0] for row in conn.execute(sql)})
+        assert {"approvals_pending_grant", "approvals_pending_expiry"} <= indexes
+        assert "approvals_live_expiry" not in indexes
         assert await store.get_approval(approval.id) == approval
         await store.save_message_ref(approval.id, "slack", REF)
         assert await store.message_ref(approval.id, "slack") == REF

@@ -2,7 +2,7 @@
 
 Everything the gateway must not lose — rate-limit counters, approvals, the audit log and kept
 results — goes through the ``Store`` protocols below. There is one implementation today,
-:class:`approvals.store.sqlite.SqliteStore` (aiosqlite, one embedded file, the default), and the
+:class:`approvals.store.sqlite.SqliteStore` (one embedded SQLite file, the default), and the
 protocols are shaped so a PostgreSQL implementation can follow for scale-out: every method is one
 round trip or one transaction, values are plain tuples or frozen records
 (:mod:`approvals.store.records`), and nothing relies on SQLite-only behaviour (writes are upserts
