@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import secrets
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+from load import cpu_seconds
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -413,6 +415,7 @@ async def held_calls(api: Api, gateway: Target, calls: int, approvers: int) -> d
             else:
                 api_errors += 1
 
+    cpu_before = cpu_seconds([pid])
     approving = time.time()
     await asyncio.gather(*(approver() for _ in range(approvers)))
     approved = time.time()
@@ -420,6 +423,7 @@ async def held_calls(api: Api, gateway: Target, calls: int, approvers: int) -> d
         lambda: _received_at_least(api, calls), 600, "the upstream to receive every approved call", 0.05
     )
     all_received = time.time()
+    cpu_deciding = cpu_seconds([pid]) - cpu_before
     received = await api.received()
     outcome = await held.done()
     per_call = [received[n] - at for n, at in answered.items() if n in received]
@@ -431,6 +435,9 @@ async def held_calls(api: Api, gateway: Target, calls: int, approvers: int) -> d
         "rss_held_mib": rss_held / 1024,
         "decisions": len(answered),
         "decisions_per_s": len(answered) / (approved - approving),
+        # The gateway's CPU for a decision and everything it sets off: the release, the upstream
+        # call, the answer to the held call.
+        "cpu_ms_per_decision": cpu_deciding * 1e3 / max(len(answered), 1),
         "approve_all_s": approved - approving,
         "released_after_last_approval_s": all_received - approved,
         "released_after_first_approval_s": all_received - approving,
@@ -472,7 +479,7 @@ def table(summary: dict[str, dict[int, dict[str, float]]], concurrency: list[int
     )
     yield "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for clients in concurrency:
-        direct = summary["direct"][clients]["calls_per_s"]
+        direct = summary["direct"][clients]["calls_per_s"] if "direct" in summary else math.nan
         for name, by_clients in summary.items():
             row = by_clients[clients]
             yield (
@@ -529,7 +536,8 @@ def report(results: dict[str, Any], concurrency: list[int]) -> str:
             f"{held['kib_per_held_call']:.1f} KiB each (RSS {held['rss_before_mib']:.0f} → "
             f"{held['rss_held_mib']:.0f} MiB); errors {held['errors']}",
             f"Bulk approval: {held['decisions']:,} decisions in {held['approve_all_s']:.1f} s "
-            f"({held['decisions_per_s']:,.0f}/s through the API); upstream had all of them "
+            f"({held['decisions_per_s']:,.0f}/s through the API; gateway CPU "
+            f"{held['cpu_ms_per_decision']:.2f} ms per decision with its release); upstream had all of them "
             f"{held['released_after_last_approval_s']:.1f} s after the last approval "
             f"({held['released_after_first_approval_s']:.1f} s after the first); per call, approval → "
             f"upstream p50 {held['p50_decision_to_upstream_s']:.2f} s, max "
