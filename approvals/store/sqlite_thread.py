@@ -2,7 +2,7 @@
 
 The store used to run on aiosqlite, which moves one statement at a time to its worker thread; a
 decision was half a dozen such round trips, and every durable transaction paid its own fsync
-(3 to 4 ms here) while the others queued behind it: ~150 decisions a second at most. Here a *job* is
+(3 to 4 ms here) while the others queued behind it: about 150 decisions a second at most. Here a *job* is
 the whole work of one store call — a plain function of the connection — so each call crosses to
 the thread once, and write jobs commit in groups:
 
@@ -83,7 +83,11 @@ class SqliteThread:
             raise
 
     async def read(self, job: Job[T]) -> T:
-        """Run ``job`` outside of any write of its own; its answer, or what it raised."""
+        """Run ``job`` in queue order; its answer, or what it raised.
+
+        A read grouped with writes is answered after their commit, and fails if that commit fails:
+        what it read was not yet on disk.
+        """
         return await self._submit(job, write=False, durable=False)
 
     async def write(self, job: Job[T], *, durable: bool) -> T:
@@ -128,6 +132,8 @@ class SqliteThread:
         try:
             self._serve(conn)
         finally:
+            # Also if the thread dies of a bug: new calls then fail at once instead of waiting forever.
+            self._closing = True
             conn.close()
             self._answer(self._closed)
 
