@@ -13,7 +13,8 @@ import pathlib
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import pytest
 
@@ -32,11 +33,24 @@ async def store(tmp_path: pathlib.Path) -> AsyncIterator[SqliteStore]:
     await opened.close()
 
 
+@dataclass
+class Group:
+    """The store calls queued while the thread is parked, and the SQL the thread ran for them."""
+
+    statements: list[str] = field(default_factory=list)
+    calls: list[asyncio.Future[Any]] = field(default_factory=list)
+
+    def queue(self, *calls: Awaitable[T]) -> list[asyncio.Future[T]]:
+        started = queued(*calls)
+        self.calls += started
+        return started
+
+
 @contextlib.asynccontextmanager
-async def one_group(store: SqliteStore) -> AsyncIterator[list[str]]:
-    """Park the thread; on exit let it run what was queued meanwhile. Yields the SQL it traces."""
-    statements: list[str] = []
-    await store._db.read(lambda conn: conn.set_trace_callback(statements.append))
+async def one_group(store: SqliteStore) -> AsyncIterator[Group]:
+    """Park the thread; on exit let it run what was queued meanwhile, tracing its SQL."""
+    group = Group()
+    await store._db.read(lambda conn: conn.set_trace_callback(group.statements.append))
     started, go = threading.Event(), threading.Event()
 
     def park(_: sqlite3.Connection) -> bool:
@@ -47,15 +61,18 @@ async def one_group(store: SqliteStore) -> AsyncIterator[list[str]]:
     # Parked on a group of its own: what is queued from now on forms the next group.
     assert await asyncio.to_thread(started.wait, 10)
     try:
-        yield statements
+        yield group
     finally:
         go.set()
         assert await parked, "the thread was parked longer than the test allows"
+        # Each call is answered after its group's COMMIT: only then is the whole group traced.
+        # (A job queued earlier could join the group and stop the trace before its COMMIT.)
+        await asyncio.gather(*group.calls, return_exceptions=True)
         await store._db.read(lambda conn: conn.set_trace_callback(None))
 
 
 def queued(*calls: Awaitable[T]) -> list[asyncio.Future[T]]:
-    """Start each store call; each has put its job on the queue when this returns."""
+    """Start each store call; each has put its job on the queue after one turn of the loop."""
     return [asyncio.ensure_future(call) for call in calls]
 
 
@@ -76,13 +93,14 @@ async def approve(store: SqliteStore, approval: Approval) -> Approval | None:
 async def test_writes_queued_together_share_one_durable_commit(store: SqliteStore) -> None:
     """Twenty decisions taken at once are twenty records and audit events, made durable by one fsync."""
     approvals = [await created(store, id=f"appr_{n:02d}") for n in range(20)]
-    async with one_group(store) as statements:
-        decisions = queued(*(approve(store, approval) for approval in approvals))
+    async with one_group(store) as group:
+        decisions = group.queue(*(approve(store, approval) for approval in approvals))
         await asyncio.sleep(0)  # one turn of the loop: every call above has queued its job
     results = await settled(decisions)
     assert all(isinstance(result, Approval) and result.status == "approved" for result in results)
-    assert commits(statements) == 1
-    assert [s for s in statements if s.startswith("PRAGMA synchronous")] in ([], ["PRAGMA synchronous=FULL"])
+    assert commits(group.statements) == 1
+    levels = [s for s in group.statements if s.startswith("PRAGMA synchronous")]
+    assert levels in ([], ["PRAGMA synchronous=FULL"])
     for approval in approvals:
         events = await store.audit_events(approval_id=approval.id)
         assert [event.event for event in events] == ["created", "approved"]
@@ -92,8 +110,8 @@ async def test_a_failing_write_fails_alone_and_leaves_no_trace(store: SqliteStor
     """A duplicate id in the middle of a group is refused; the writes around it all commit."""
     before, duplicate = await created(store, id="appr_first"), make_approval(id="appr_first")
     after = await created(store, id="appr_after")
-    async with one_group(store) as statements:
-        first, clash, last = queued(
+    async with one_group(store) as group:
+        first, clash, last = group.queue(
             approve(store, before),
             store.create_approval(duplicate, actor="agent-a", channel="mcp"),
             approve(store, after),
@@ -103,7 +121,7 @@ async def test_a_failing_write_fails_alone_and_leaves_no_trace(store: SqliteStor
     assert isinstance(await last, Approval)
     with pytest.raises(StoreError, match="cannot create an approval: UNIQUE constraint failed"):
         await clash
-    assert commits(statements) == 1
+    assert commits(group.statements) == 1
     events = await store.audit_events()
     assert [(e.approval_id, e.event) for e in events] == [
         ("appr_first", "created"),
@@ -126,9 +144,9 @@ async def test_a_failed_commit_fails_every_write_of_its_group(store: SqliteStore
         )
         conn.execute("INSERT INTO child VALUES (42)")
 
-    async with one_group(store):
+    async with one_group(store) as group:
         poisoned = store._db.write(dangling_reference, durable=False)
-        decision, poison = queued(approve(store, approval), poisoned)
+        decision, poison = group.queue(approve(store, approval), poisoned)
         await asyncio.sleep(0)
     with pytest.raises(StoreError, match="FOREIGN KEY constraint failed"):
         await decision
@@ -142,8 +160,8 @@ async def test_a_failed_commit_fails_every_write_of_its_group(store: SqliteStore
 async def test_a_caller_that_stops_waiting_does_not_undo_its_write(store: SqliteStore) -> None:
     """Cancellation drops the answer, never half a write: the queued decision still commits whole."""
     approval = await created(store)
-    async with one_group(store):
-        (decision,) = queued(approve(store, approval))
+    async with one_group(store) as group:
+        (decision,) = group.queue(approve(store, approval))
         await asyncio.sleep(0)
         decision.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -162,8 +180,8 @@ async def test_durable_writes_run_at_full_and_others_at_normal(store: SqliteStor
 
     assert await store._db.write(level, durable=True) == 2
     assert await store._db.write(level, durable=False) == 1
-    async with one_group(store):
-        mixed = queued(store._db.write(level, durable=False), store._db.write(level, durable=True))
+    async with one_group(store) as group:
+        mixed = group.queue(store._db.write(level, durable=False), store._db.write(level, durable=True))
         await asyncio.sleep(0)
     assert await settled(mixed) == [2, 2]  # one durable write makes its whole group durable
 
