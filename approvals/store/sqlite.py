@@ -114,19 +114,23 @@ class SqliteStore:
         if not rows:
             return
         rows = list(rows)  # the job runs later, on the store's thread: not the caller's live list
-        await self._write(
-            "save counters",
-            lambda conn: conn.executemany(
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.executemany(
                 "INSERT INTO counters (counter, scope_key, window_start, value) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (counter, scope_key, window_start) DO UPDATE SET value = excluded.value",
                 rows,
-            ),
-        )
+            )
+
+        await self._write("save counters", save)
 
     async def prune_counters(self, before: int) -> None:
         """Delete every counter row whose ``window_start < before``."""
-        sql = "DELETE FROM counters WHERE window_start < ?"
-        await self._write("prune counters", lambda conn: conn.execute(sql, (before,)))
+
+        def prune(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM counters WHERE window_start < ?", (before,))
+
+        await self._write("prune counters", prune)
 
     async def create_approval(self, approval: Approval, *, actor: str, channel: str) -> None:
         """Insert a new pending record and its "created" audit event in one durable transaction."""
