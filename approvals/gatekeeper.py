@@ -1,6 +1,8 @@
 """The gateway's `Gate`: each call is judged by its upstream's policy, then counted against its limits.
 
 admit(call) → policy.evaluate → deny / hidden      → a tool error the agent can act on
+                              → otherwise, arguments that break the tool's known inputSchema
+                                                   → a tool error naming the path (never coerced)
                               → require_approval   → (the approvals queue)
                               → allow → limits.reserve → refused → a tool error with retry_after
                                                        → reserved → forward; rolled back if the
@@ -14,11 +16,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from approvals.arg_schema import ArgumentProblem
 from approvals.channels import Channel, Channels
 from approvals.config import Settings
-from approvals.jsonrpc import JsonObject
+from approvals.jsonrpc import JsonObject, tool_error
 from approvals.limits import LimitRefusal, RateLimiter, Reservation
-from approvals.outcomes import denial, limit_refusal
+from approvals.outcomes import META_KEY, denial, limit_refusal
 from approvals.policy import Limit
 from approvals.policy_files import WATCH_INTERVAL_SECONDS, PolicyBook, check_policies
 from approvals.proxy.gate import FORWARD, Admission, ToolCall, UpstreamCaller
@@ -88,6 +91,12 @@ class Gatekeeper:
             return Admission(answer=denial(decision))
         assert self.limiter is not None, "Gatekeeper.start() was not awaited"
         assert self.queue is not None
+        assert self.catalog is not None
+        # Checked after a denial (a hidden tool's schema stays unspoken) and before anything acts
+        # on the verdict: what the upstream would coerce is refused, not judged one way and run another.
+        problem = self.catalog.argument_problem(call.upstream, call.tool, call.arguments)
+        if problem is not None:
+            return Admission(answer=_invalid_arguments(call.tool, problem))
         if decision.action == "require_approval":
             return await self.queue.admit(call, decision)
         reserved = self.limiter.reserve(
@@ -123,6 +132,14 @@ class Gatekeeper:
 
     def health(self) -> dict[str, Any]:
         return {"policy_errors": self.policies.errors} if self.policies.errors else {}
+
+
+def _invalid_arguments(tool: str, problem: ArgumentProblem) -> JsonObject:
+    text = (
+        f"Invalid arguments for {tool}: {problem.path}: {problem.message}. The call was not made; "
+        "send arguments that match the tool's inputSchema (numbers as numbers, lists as lists)."
+    )
+    return tool_error(text, {META_KEY: {"code": "invalid_arguments", "path": problem.path}})
 
 
 def build_gate(settings: Settings) -> Gatekeeper:

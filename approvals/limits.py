@@ -23,7 +23,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from approvals.policy import WINDOW_SECONDS, Limit, resolve_path
+from approvals.policy import (
+    MAX_COUNT,
+    MAX_WINDOW_SECONDS,
+    WINDOW_SECONDS,
+    Limit,
+    Window,
+    resolve_path,
+    window_seconds,
+    window_text,
+)
 from approvals.store import CounterStore
 
 __all__ = ["LimitRefusal", "RateLimiter", "Reservation", "scope_key", "window_start"]
@@ -33,8 +42,8 @@ logger = logging.getLogger(__name__)
 _Key = tuple[str, str, int]  # (counter, scope_key, window_start)
 _Planned = tuple[_Key, float | None, int, Limit]  # (key, amount or None if unusable, window end, limit)
 
-# No window is longer than this; rows older than it are of no use to anyone.
-MAX_WINDOW_SECONDS = max(WINDOW_SECONDS.values())
+# No window is longer than MAX_WINDOW_SECONDS (policy.py refuses longer ones); rows older than
+# it are of no use to anyone.
 STORE_PRUNE_INTERVAL = 3600.0
 
 _SCOPE_WORDS = {"grant": "per client", "session": "per session", "global": "for everyone"}
@@ -63,9 +72,9 @@ class Reservation:
 _EMPTY = Reservation(())
 
 
-def window_start(now: float, window: str) -> int:
-    """Start (epoch seconds) of the ``window`` that contains ``now``."""
-    size = WINDOW_SECONDS[window]
+def window_start(now: float, window: Window | int) -> int:
+    """Start (epoch seconds) of the ``window`` (a name, or seconds) that contains ``now``."""
+    size = window_seconds(window)
     return int(now // size) * size
 
 
@@ -235,7 +244,8 @@ class RateLimiter:
 
 def _plan(limit: Limit, grant: str, session: str, arguments: Mapping[str, object], now: float) -> _Planned:
     """Where and how much ``limit`` would count this call (amount None: unusable)."""
-    size = WINDOW_SECONDS[limit.window]
+    window = limit.window
+    size = window if isinstance(window, int) else WINDOW_SECONDS[window]
     start = int(now // size) * size
     scope = limit.scope
     # scope_key() inlined: this runs for every limit of every call.
@@ -257,17 +267,17 @@ def _amount(limit: Limit, arguments: Mapping[str, object]) -> float | None:
     """The call's numeric amount at ``limit.increment_from``, or None when it is not usable."""
     assert limit.increment_from is not None
     found, value = resolve_path(arguments, limit.increment_from)
-    # bool is an int subclass, but `true` is not an amount.
+    # bool is an int subclass, but `true` is not an amount. The range check comes before float(),
+    # which overflows on an int past 1e308; it also keeps NaN and infinity out of the counts.
     if not found or isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    amount = float(value)
-    return amount if math.isfinite(amount) and amount >= 0 else None
+    return float(value) if 0 <= value <= MAX_COUNT else None
 
 
 def _full(limit: Limit, retry_after: float) -> LimitRefusal:
     seconds = max(1, math.ceil(retry_after))
     message = (
-        f"Rate limit {limit.counter} reached: {limit.max:g} per {limit.window} "
+        f"Rate limit {limit.counter} reached: {limit.max:g} per {window_text(limit.window)} "
         f"{_SCOPE_WORDS[limit.scope]}. Retry in {seconds} s."
     )
     return LimitRefusal(limit, retry_after, message)
@@ -277,12 +287,14 @@ def _never(limit: Limit, amount: float | None) -> LimitRefusal:
     """A refusal that waiting cannot fix: the amount itself is unusable or over ``max``."""
     path = limit.increment_from
     if amount is None:
-        message = f"{path} must be a non-negative number for limit {limit.counter}"
+        message = f"{path} must be a number from 0 to {MAX_COUNT} for rate limit {limit.counter}"
     elif path is None:
-        message = f"Rate limit {limit.counter} allows no calls ({limit.max:g} per {limit.window})"
+        message = (
+            f"Rate limit {limit.counter} allows no calls ({limit.max:g} per {window_text(limit.window)})"
+        )
     else:
         message = (
-            f"{path} is larger than rate limit {limit.counter} allows in any {limit.window} "
+            f"{path} is larger than rate limit {limit.counter} allows in any {window_text(limit.window)} "
             f"({limit.max:g} {_SCOPE_WORDS[limit.scope]})"
         )
     return LimitRefusal(limit, math.inf, message)

@@ -6,9 +6,17 @@ is a cached dict lookup plus the matched rule's conditions.
 
 Per call (`Policy` says how the rule is found): hide / action deny > `require` fails >
 `deny_if` holds > require_approval (the action, or an `approval_if` that holds) > allow.
-A condition on a missing path or on a value of the wrong type for its op (`gt` on a string;
-booleans are never numbers) does not hold, and only `exists` sees absence: so `require` fails
-closed (deny) while `deny_if` / `approval_if` just do not fire.
+
+Conditions fail closed. Upstreams coerce what they are sent (the MCP SDK decodes a JSON string
+into a list, pydantic reads "5000" as 5000), so a condition is judged on every reading the
+upstream may make of the value: compared with a number, a numeric string is that number (with a
+boolean, "true"/"1"/"yes"… are that boolean; with an object or array, a JSON string is what it
+decodes to); a string holding a JSON object or array is also judged as what it decodes to by
+`contains` and `regex`, and on the way down a path; null is both given and not given. A reading
+that cannot be judged (`gt` on a word, `regex` on a list, booleans are never numbers) may both
+hold and fail. `deny_if` / `approval_if` fire when any reading may hold; `require` passes only
+when no reading may fail. A path missing in every reading holds for no op but `exists`: `require`
+fails on it (deny), `deny_if` / `approval_if` do not fire.
 
 Errors: `PolicyError` (an `ApprovalsError`) holding every `PolicyIssue`; nothing else on purpose.
 """
@@ -32,6 +40,10 @@ from approvals.errors import ApprovalsError, Issue
 Window = Literal["second", "minute", "hour", "day"]
 Scope = Literal["grant", "session", "global"]
 WINDOW_SECONDS: dict[str, int] = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+# No window is longer: the store keeps and reloads one day of counters (limits.py).
+MAX_WINDOW_SECONDS = WINDOW_SECONDS["day"]
+# The largest `max` and `increment_from` amount: counts are floats, exact up to 2**53.
+MAX_COUNT = 2**53
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +51,7 @@ class Limit:
     """One rate limit of a rule: at most `max` per `window` per `scope`, counted in `counter`."""
 
     counter: str
-    window: Window
+    window: Window | int  # a name, or a number of seconds no name spells (2 to MAX_WINDOW_SECONDS)
     max: float
     scope: Scope
     increment_from: str | None = None  # a path such as "args.amount"; None counts 1 per call
@@ -55,8 +67,15 @@ _COMPARE: dict[str, _Compare] = {"lt": operator.lt, "lte": operator.le, "gt": op
 _OP_NAMES = ("eq", "neq", "in", "not_in", "lt", "lte", "gt", "gte", "regex", "contains", "exists")
 _OPS = {op: op for op in _OP_NAMES}
 _TOP_FIELDS = ("version", "default", "hide", "all_tools", "tools")
-_RULE_FIELDS = ("action", "reason", "description", "require", "deny_if", "approval_if", "limits", "approval")
+_RULE_FIELDS = (
+    "action", "reason", "description", "require", "deny_if", "approval_if", "limits", "rate_limit",
+    "approval",
+)  # fmt: skip
 _LIMIT_FIELDS = ("counter", "window", "max", "scope", "increment_from")
+# The FAQ's shorthand `"rate_limit": {"max": 10, "window": 60}`: per session, counted under the tool key.
+_RATE_LIMIT_FIELDS = ("max", "window")
+_WINDOW_HINT = f"one of second, minute, hour, day or a whole number of seconds from 1 to {MAX_WINDOW_SECONDS}"
+_SECONDS_WINDOWS: dict[int, Window] = {seconds: _WINDOWS[name] for name, seconds in WINDOW_SECONDS.items()}
 # fnmatch's wildcard tokens; the possessive "!?+" and "\]?+" copy its scan, which never gives
 # back a "!" or a leading "]" it has taken into a bracket class.
 _GLOB_TOKEN = re.compile(r"\*+|\?|\[!?+\]?+[^\]]*\]")
@@ -92,20 +111,39 @@ class Decision:
     approval_timeout: float | None  # seconds; None = the gateway default
 
 
+# A condition's verdict on one call: the bits of what it may do under the readings the upstream
+# may make of the arguments. Both bits: the gateway cannot tell, so every caller fails closed.
+_HOLDS = 1
+_FAILS = 2
+_EITHER = _HOLDS | _FAILS
+_Judge = Callable[[object], int]
+
+
 @dataclass(frozen=True, slots=True)
 class _Condition:
     path: str
     text: str  # "args.amount gt 10000", as shown in reasons and explanations
     segments: tuple[str, ...]
-    test: Callable[[object], bool]  # applied to a value that was found; never raises
+    judge: _Judge  # verdict bits on a value that was found; never raises
     exists: bool | None  # for op "exists": whether the value must be present
 
-    def check(self, arguments: Mapping[str, object]) -> tuple[bool, bool, object]:
-        """(holds, found, value) for `arguments`."""
-        found, value = _walk(arguments, self.segments)
-        if self.exists is not None:
-            return found == self.exists, found, value
-        return found and self.test(value), found, value
+    def check(self, arguments: Mapping[str, object]) -> tuple[int, bool, object]:
+        """(verdict bits, found, value as given) for `arguments`."""
+        found, value = _walk_objects(arguments, self.segments)
+        if found is not None:  # the common case: one reading, no string on the way
+            if self.exists is not None:
+                return _presence(found, value, self.exists), found, value
+            return (self.judge(value) if found else _FAILS), found, value
+        readings = _readings(arguments, self.segments)
+        verdict = 0
+        for found, value in readings:
+            if self.exists is not None:
+                verdict |= _presence(found, value, self.exists)
+            else:
+                verdict |= self.judge(value) if found else _FAILS
+        # Show the value found (a decoded reading's, when only that one reaches the path).
+        found, value = next((reading for reading in readings if reading[0]), readings[0])
+        return verdict, found, value
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,19 +194,24 @@ class Policy:
             return entry
         rule = entry.rule
         for cond in rule.require:
-            holds, found, value = cond.check(arguments)
-            if not holds:
+            verdict, found, value = cond.check(arguments)
+            if verdict & _FAILS:
                 why = f"rule {rule.key}: require {cond.text} failed ({_shown(found, value)})"
-                return _deny(rule, "requirement_failed", rule.reason or _requirement_reason(cond, found), why)
+                return _deny(
+                    rule,
+                    "requirement_failed",
+                    rule.reason or _requirement_reason(cond, verdict, found, value),
+                    why,
+                )
         for cond in rule.deny_if:
-            holds, found, value = cond.check(arguments)
-            if holds:
+            verdict, found, value = cond.check(arguments)
+            if verdict & _HOLDS:
                 why = f"rule {rule.key}: deny_if {cond.text} ({_shown(found, value)})"
-                return _deny(rule, "deny_if", rule.reason or f"{cond.text} holds", why)
+                return _deny(rule, "deny_if", rule.reason or _holds_text(cond, verdict), why)
         if rule.action == "allow":
             for cond in rule.approval_if:
-                holds, found, value = cond.check(arguments)
-                if holds:
+                verdict, found, value = cond.check(arguments)
+                if verdict & _HOLDS:
                     why = f"rule {rule.key}: approval_if {cond.text} ({_shown(found, value)})"
                     code = "approval_required"
                     return Decision("require_approval", rule.key, code, None, why, rule.limits, rule.timeout)
@@ -205,6 +248,16 @@ class Policy:
         passed = Decision(rule.action, rule.key, code, None, why, rule.limits, rule.timeout)
         # Only a rule with conditions needs the arguments; any other outcome is fixed per name.
         return _Plan(rule, passed) if conditional else passed
+
+
+def window_seconds(window: Window | int) -> int:
+    """The length of a limit's window in seconds."""
+    return window if isinstance(window, int) else WINDOW_SECONDS[window]
+
+
+def window_text(window: Window | int) -> str:
+    """A window as the agent reads it: "minute", or "90 s" for one no name spells."""
+    return f"{window} s" if isinstance(window, int) else window
 
 
 def glob_specificity(key: str) -> tuple[int, int, int]:
@@ -313,6 +366,9 @@ class _Parser:
             for field in ("require", "deny_if", "approval_if")
         )
         limits = self.each(raw.get("limits", []), f"{path}.limits", "limits", self.limit)
+        if "rate_limit" in raw:
+            shorthand = self.rate_limit(key, raw["rate_limit"], f"{path}.rate_limit")
+            limits += (shorthand,) if shorthand is not None else ()
         timeout = self.approval(raw.get("approval", {}), f"{path}.approval")
         reason = raw.get("reason")
         if action is None or not (reason is None or isinstance(reason, str)):
@@ -355,28 +411,26 @@ class _Parser:
         if "value" not in raw:
             self.fail(f"{path}.value", f'missing required field (op "{op}" compares with a value)')
             return None
-        test = self.test(op, raw["value"], f"{path}.value")
-        if segments is None or test is None:
+        judge = self.judge(op, raw["value"], f"{path}.value")
+        if segments is None or judge is None:
             return None
-        return _Condition(arg_path, f"{arg_path} {op} {_json(raw['value'])}", segments, test, None)
+        return _Condition(arg_path, f"{arg_path} {op} {_json(raw['value'])}", segments, judge, None)
 
-    def test(self, op: str, value: object, path: str) -> Callable[[object], bool] | None:
-        """The predicate for `op` against `value`, applied to an argument value that was found."""
+    def judge(self, op: str, value: object, path: str) -> _Judge | None:
+        """The verdict of `op` against `value`, applied to an argument value that was found."""
         if op in ("eq", "neq"):
-            negate = op == "neq"
-            return lambda found: _json_equal(found, value) != negate
+            return _one_of((value,), negate=op == "neq")
         if op in ("in", "not_in"):
             if not isinstance(value, list):
                 self.fail(path, f'must be a list for op "{op}"')
                 return None
-            options, negate = tuple(value), op == "not_in"
-            return lambda found: any(_json_equal(found, option) for option in options) != negate
+            return _one_of(tuple(value), negate=op == "not_in")
         if op in _COMPARE:
-            if not _is_number(value) or not math.isfinite(value):
+            if not _is_number(value) or not _finite(value):
                 self.fail(path, f'must be a finite number for op "{op}" (got {_json(value)})')
                 return None
             compare, bound = _COMPARE[op], value
-            return lambda found: _is_number(found) and compare(found, bound)
+            return lambda found: _compare(found, compare, bound)
         if op == "regex":
             if not isinstance(value, str):
                 self.fail(path, 'must be a regular expression string for op "regex"')
@@ -386,7 +440,7 @@ class _Parser:
             except re.error as exc:
                 self.fail(path, f"invalid regular expression: {exc}")
                 return None
-            return lambda found: isinstance(found, str) and pattern.search(found) is not None
+            return lambda found: _matches(found, pattern)
         return lambda found: _contains(found, value)
 
     def limit(self, raw: object, path: str) -> Limit | None:
@@ -397,11 +451,8 @@ class _Parser:
         if counter is not _ABSENT and not (isinstance(counter, str) and _COUNTER_NAME.fullmatch(counter)):
             self.fail(f"{path}.counter", "must be a non-empty name of letters, digits and _ . : -")
             counter = _ABSENT
-        window = self.choice(self.required(raw, "window", path), f"{path}.window", _WINDOWS)
-        maximum = self.required(raw, "max", path)
-        if maximum is not _ABSENT and not (_is_number(maximum) and math.isfinite(maximum) and maximum > 0):
-            self.fail(f"{path}.max", f"must be a number greater than 0 (got {_json(maximum)})")
-            maximum = _ABSENT
+        window = self.window(self.required(raw, "window", path), f"{path}.window")
+        maximum = self.maximum(self.required(raw, "max", path), f"{path}.max")
         scope = self.choice(raw.get("scope", "grant"), f"{path}.scope", _SCOPES)
         increment_from = raw.get("increment_from")
         if increment_from is not None and self.arg_path(increment_from, f"{path}.increment_from") is None:
@@ -411,10 +462,40 @@ class _Parser:
         self.share(counter, window, scope, path)
         return Limit(counter, window, maximum, scope, increment_from)
 
-    def share(self, counter: str, window: str, scope: str, path: str) -> None:
+    def rate_limit(self, key: str, raw: object, path: str) -> Limit | None:
+        """The FAQ's `{"max": 10, "window": 60}`: a per-session limit counted under the tool key."""
+        if not self.object(raw, path, ' like {"max": 10, "window": 60}'):
+            return None
+        self.fields(raw, path, _RATE_LIMIT_FIELDS)
+        window = self.window(self.required(raw, "window", path), f"{path}.window")
+        maximum = self.maximum(self.required(raw, "max", path), f"{path}.max")
+        if window is None or maximum is _ABSENT:
+            return None
+        self.share(key, window, "session", path)
+        return Limit(key, window, maximum, "session")
+
+    def window(self, value: object, path: str) -> Window | int | None:
+        """A window name, or whole seconds (a number a name spells becomes that name)."""
+        if isinstance(value, str) and value in _WINDOWS:
+            return _WINDOWS[value]
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if _is_number(value) and whole and 1 <= value <= MAX_WINDOW_SECONDS:
+            seconds = int(value)
+            return _SECONDS_WINDOWS.get(seconds, seconds)
+        if value is not _ABSENT:  # a missing field was reported already
+            self.fail(path, f"must be {_WINDOW_HINT} (got {_json(value)})")
+        return None
+
+    def maximum(self, value: object, path: str) -> Any:
+        if value is not _ABSENT and not (_is_number(value) and 0 < value <= MAX_COUNT):
+            self.fail(path, f"must be a number greater than 0 and at most {MAX_COUNT} (got {_json(value)})")
+            return _ABSENT
+        return value
+
+    def share(self, counter: str, window: Window | int, scope: str, path: str) -> None:
         """Record a counter's use: every rule naming it counts into one bucket, so they must agree."""
-        first = self.counters.setdefault(counter, (window, scope, path))
-        for field, mine, theirs in (("window", window, first[0]), ("scope", scope, first[1])):
+        first = self.counters.setdefault(counter, (str(window), scope, path))
+        for field, mine, theirs in (("window", str(window), first[0]), ("scope", scope, first[1])):
             if mine != theirs:
                 agree = "rules that share a counter must agree on window and scope"
                 self.fail(
@@ -475,18 +556,160 @@ def _split_path(path: str) -> tuple[str, ...] | None:
 def _walk(arguments: object, segments: tuple[str, ...]) -> tuple[bool, object]:
     current = arguments
     for segment in segments:
-        if isinstance(current, Mapping):
-            if segment not in current:
-                return False, None
-            current = current[segment]
-        elif isinstance(current, list | tuple) and segment.isascii() and segment.isdigit():
-            index = int(segment)
-            if index >= len(current):
-                return False, None
-            current = current[index]
-        else:
+        found, current = _step(current, segment)
+        if not found:
             return False, None
     return True, current
+
+
+def _step(current: object, segment: str) -> tuple[bool, object]:
+    if isinstance(current, Mapping):
+        return (True, current[segment]) if segment in current else (False, None)
+    if isinstance(current, list | tuple) and segment.isascii() and segment.isdigit():
+        index = int(segment)
+        return (True, current[index]) if index < len(current) else (False, None)
+    return False, None
+
+
+def _walk_objects(arguments: object, segments: tuple[str, ...]) -> tuple[bool | None, object]:
+    """_walk through objects only, the hot path; found None: a list or string is on the way."""
+    current = arguments
+    for segment in segments:
+        if type(current) is not dict:
+            return None, None
+        if segment not in current:
+            return False, None
+        current = current[segment]
+    return True, current
+
+
+def _readings(arguments: object, segments: tuple[str, ...]) -> list[tuple[bool, object]]:
+    """(found, value) of the path under every reading: as given first, then through each string on
+    the way that holds a JSON object or array, as the upstream may decode it. A string has no
+    fields as given, so each such string adds one reading: at most one per segment."""
+    readings: list[tuple[bool, object]] = []
+    current = arguments
+    for position, segment in enumerate(segments):
+        decoded = _decoded(current) if isinstance(current, str) else _ABSENT
+        if decoded is not _ABSENT:
+            readings.append((False, None))
+            readings += _readings(decoded, segments[position:])
+            return readings
+        found, current = _step(current, segment)
+        if not found:
+            readings.append((False, None))
+            return readings
+    readings.append((True, current))
+    return readings
+
+
+def _presence(found: bool, value: object, expected: bool) -> int:
+    if found and value is None:
+        return _EITHER  # the upstream may read null as given, or as left out
+    return _HOLDS if found == expected else _FAILS
+
+
+def _one_of(options: tuple[object, ...], *, negate: bool) -> _Judge:
+    """eq / in (neq / not_in with `negate`): the value, read as each option's type, equals one."""
+
+    def judge(found: object) -> int:
+        hit = any(_json_equal(_as_type_of(found, option), option) for option in options)
+        return _HOLDS if hit != negate else _FAILS
+
+    return judge
+
+
+def _compare(found: object, compare: _Compare, bound: float) -> int:
+    if found is None:
+        return _FAILS  # null carries no number, as if left out
+    number = _number(found) if isinstance(found, str) else found if _is_number(found) else None
+    if number is None or not _finite(number):
+        return _EITHER  # a word, a boolean, a container, NaN or infinity: cannot be compared
+    return _HOLDS if compare(number, bound) else _FAILS
+
+
+def _matches(found: object, pattern: re.Pattern[str]) -> int:
+    if found is None:
+        return _FAILS
+    if not isinstance(found, str):
+        return _EITHER  # a number or a container: the gateway cannot say what text it stands for
+    verdict = _HOLDS if pattern.search(found) else _FAILS
+    # A JSON array or object in a string may reach the tool decoded, escapes and all.
+    return verdict if _decoded(found) is _ABSENT else _EITHER
+
+
+def _contains(found: object, item: object) -> int:
+    verdict = _contains_in(found, item)
+    decoded = _decoded(found) if isinstance(found, str) else _ABSENT
+    return verdict if decoded is _ABSENT else verdict | _contains_in(decoded, item)
+
+
+def _contains_in(container: object, item: object) -> int:
+    if container is None:
+        return _FAILS  # null holds nothing, as if left out
+    if isinstance(container, str | Mapping):
+        hit = isinstance(item, str) and item in container
+    elif isinstance(container, list | tuple):
+        hit = any(_json_equal(_as_type_of(element, item), item) for element in container)
+    else:
+        return _EITHER  # a number or a boolean: nothing the gateway can look inside
+    return _HOLDS if hit else _FAILS
+
+
+# pydantic's lax mode reads these strings (any case) as booleans.
+_BOOL_WORDS = {
+    **dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
+    **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False),
+}
+_CONTAINER_START = re.compile(r"[ \t\n\r]*[\[{]")
+
+
+def _as_type_of(found: object, target: object) -> object:
+    """`found` as an upstream expecting `target`'s JSON type may read it (else `found` itself):
+    "5000" as 5000, "yes" or 1 as true, '["a"]' as ["a"], "null" as null, true as 1."""
+    if isinstance(found, str):
+        read: object = _ABSENT
+        if isinstance(target, bool):
+            read = _BOOL_WORDS.get(found.strip().lower(), _ABSENT)
+        elif _is_number(target):
+            number = _number(found)
+            read = _ABSENT if number is None else number
+        elif isinstance(target, Mapping | list) or target is None:
+            read = None if found.strip() == "null" else _decoded(found)
+        return found if read is _ABSENT else read
+    if isinstance(target, bool) and _is_number(found) and found in (0, 1):
+        return bool(found)
+    if _is_number(target) and isinstance(found, bool):
+        return int(found)
+    return found
+
+
+def _number(text: str) -> int | float | None:
+    """The number a numeric string stands for (an integer exactly), or None."""
+    try:
+        return int(text)
+    except ValueError:  # not an integer, or longer than Python converts
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _decoded(text: str) -> object:
+    """The JSON object or array `text` holds, else _ABSENT."""
+    if not _CONTAINER_START.match(text):
+        return _ABSENT
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, an over-long integer, absurd nesting
+        return _ABSENT
+    return value if isinstance(value, dict | list) else _ABSENT
+
+
+def _finite(number: int | float) -> bool:
+    # math.isfinite converts an int to float, which overflows past 1e308; every int is finite.
+    return isinstance(number, int) or math.isfinite(number)
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
@@ -508,16 +731,6 @@ def _json_equal(left: object, right: object) -> bool:
     return left is None and right is None
 
 
-def _contains(container: object, item: object) -> bool:
-    if isinstance(container, str):
-        return isinstance(item, str) and item in container
-    if isinstance(container, Mapping):
-        return isinstance(item, str) and item in container
-    if isinstance(container, list | tuple):
-        return any(_json_equal(element, item) for element in container)
-    return False
-
-
 def _glob_order(rule: _Rule) -> tuple[int, int, int, str]:
     literal, stars, singles = glob_specificity(rule.key)
     return -literal, stars, singles, rule.key
@@ -527,11 +740,21 @@ def _deny(rule: _Rule, code: str, reason: str, explanation: str) -> Decision:
     return Decision("deny", rule.key, code, reason, explanation, (), None)
 
 
-def _requirement_reason(cond: _Condition, found: bool) -> str:
+def _holds_text(cond: _Condition, verdict: int) -> str:
+    if verdict & _FAILS:  # it may also not hold: say why the gateway would not take the chance
+        return f"{cond.text} cannot be ruled out for the value given"
+    return f"{cond.text} holds"
+
+
+def _requirement_reason(cond: _Condition, verdict: int, found: bool, value: object) -> str:
     if not found:
         return f"required argument {cond.path} is missing"
+    if value is None and cond.exists:
+        return f"required argument {cond.path} is null"
     if cond.exists is False:
         return f"argument {cond.path} must not be given"
+    if verdict & _HOLDS:
+        return f"requirement {cond.text} cannot be confirmed for the value given"
     return f"requirement {cond.text} does not hold"
 
 

@@ -32,7 +32,8 @@ def read_policy(path: Path) -> Policy:
     except OSError as exc:
         raise ConfigError(str(path), [Issue("", f"cannot read the file: {exc.strerror or exc}")]) from None
     try:
-        return load_policy(text, str(path))
+        # No source: the ConfigError names the file, so a file-wide issue (bad JSON) has no path.
+        return load_policy(text, source="")
     except PolicyError as exc:
         raise ConfigError(str(path), exc.errors) from None
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
+from approvals.arg_schema import ArgumentProblem, SchemaCache, ToolSchema
 from approvals.jsonrpc import JsonObject
 from approvals.proxy.gate import UpstreamCaller
 from approvals.store.records import canonical_json, sha256_of
@@ -27,6 +29,10 @@ class ToolCatalog:
         self._started = 0
         self._inflight: dict[str, tuple[int, asyncio.Future[tuple[dict[str, JsonObject], bool]]]] = {}
         self._latest: dict[str, tuple[int, dict[str, JsonObject]]] = {}
+        self._schemas = SchemaCache()
+        # Per tool: the definition object its schema was compiled from, so a call pays an identity
+        # check, and a new listing (new objects) looks the schema up again by its hash.
+        self._checks: dict[tuple[str, str], tuple[JsonObject, ToolSchema]] = {}
 
     def mark(self) -> int:
         """A point in time for `fetch(after=…)`: listings that start later have higher numbers."""
@@ -38,6 +44,20 @@ class ToolCatalog:
         for tool in tools:
             if isinstance(tool.get("name"), str):
                 known[tool["name"]] = tool
+
+    def argument_problem(
+        self, upstream: str, tool: str, arguments: Mapping[str, object]
+    ) -> ArgumentProblem | None:
+        """How `arguments` break the tool's inputSchema as last seen; None when they match, or when
+        the tool has not been seen (a call never waits for a listing just to be checked)."""
+        definition = self._tools.get(upstream, {}).get(tool)
+        if definition is None:
+            return None
+        key = (upstream, tool)
+        checked = self._checks.get(key)
+        if checked is None or checked[0] is not definition:
+            checked = self._checks[key] = (definition, self._schemas.compile(definition.get("inputSchema")))
+        return checked[1].problem(arguments)
 
     async def definition(self, upstream: str, tool: str, prefer_session: str | None) -> JsonObject | None:
         """The tool's definition: as last seen, else asked of the upstream."""

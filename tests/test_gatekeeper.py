@@ -12,10 +12,12 @@ import aiohttp
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from approvals import arg_schema
 from approvals.config import load_settings
 from approvals.errors import ConfigError
 from approvals.gatekeeper import Gatekeeper
 from approvals.policy_files import check_policies
+from approvals.tool_catalog import ToolCatalog
 from tests.conftest import DEMO_COMMAND, TOKEN_B, StartGateway, mcp_client, settings_for
 from tests.upstreams import MODELSCOPE_OFFLINE_ENV
 
@@ -212,3 +214,103 @@ async def test_modelscope_example_offline(start_gateway: StartGateway, tmp_path:
             with pytest.raises(MCPError) as caught:
                 await client.call_tool("generate_image", {"prompt": "a cat"})
             assert "token" in caught.value.error.message.lower()
+
+
+async def test_arguments_that_break_a_listed_schema_are_refused_at_the_gate(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """Once a tool's inputSchema is known, arguments that break it never reach the upstream: a
+    tool error names the failing path, even under an allow rule."""
+    policy = {"version": "1", "default": "deny", "tools": {"generate_image": {}}}
+    gw, _ = await _gateway_with_policy(start_gateway, tmp_path, policy)
+    async with mcp_client(gw.url("up")) as client:
+        await client.list_tools()
+        for arguments, path in (
+            ({"prompt": 5}, "args.prompt"),
+            ({"prompt": "a", "size": "huge"}, "args.size"),
+        ):
+            refused = await client.call_tool("generate_image", arguments)
+            assert refused.is_error
+            assert _meta(refused) == {"code": "invalid_arguments", "path": path}
+        assert not (await client.call_tool("generate_image", {"prompt": "a cat"})).is_error
+
+
+class _NoUpstream:
+    """An UpstreamCaller for a catalog that must answer from what it was shown."""
+
+    async def call(
+        self, upstream: str, method: str, params: Any, *, prefer_session: str | None = None
+    ) -> Any:
+        raise AssertionError(f"unexpected {method} to {upstream}")
+
+
+def _catalog_with(schema: object) -> ToolCatalog:
+    catalog = ToolCatalog(_NoUpstream())
+    catalog.remember("up", [{"name": "transfer", "inputSchema": schema}])
+    return catalog
+
+
+TRANSFER_SCHEMA = {
+    "type": "object",
+    "properties": {"amount": {"type": "integer"}, "to": {"type": "array", "items": {"type": "string"}}},
+    "required": ["amount"],
+}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "path"),
+    [
+        ({"amount": "5000"}, "args.amount"),  # pydantic would coerce it; strict validation refuses
+        ({"amount": 5, "to": '["bob"]'}, "args.to"),  # the SDK would decode it
+        ({"amount": 5, "to": ["bob", 7]}, "args.to.1"),
+        ({}, "args"),
+    ],
+)
+def test_values_an_upstream_would_coerce_break_the_schema(arguments: dict[str, Any], path: str) -> None:
+    """Strict JSON Schema validation refuses what pydantic's lax mode would coerce, at its path."""
+    problem = _catalog_with(TRANSFER_SCHEMA).argument_problem("up", "transfer", arguments)
+    assert problem is not None
+    assert problem.path == path
+    assert (
+        _catalog_with(TRANSFER_SCHEMA).argument_problem("up", "transfer", {"amount": 5, "to": ["b"]}) is None
+    )
+
+
+def test_schemas_are_compiled_once_per_definition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-call path reuses the compiled validator: by definition object, then by schema hash."""
+    compiled: list[str] = []
+    real = arg_schema._compile
+
+    def counting(schema: dict[str, Any], sha: str) -> arg_schema.Validator | None:
+        compiled.append(sha)
+        return real(schema, sha)
+
+    monkeypatch.setattr(arg_schema, "_compile", counting)
+    catalog = _catalog_with(TRANSFER_SCHEMA)
+    for _ in range(3):
+        assert catalog.argument_problem("up", "transfer", {"amount": 1}) is None
+    catalog.remember("up", [{"name": "transfer", "inputSchema": json.loads(json.dumps(TRANSFER_SCHEMA))}])
+    assert catalog.argument_problem("up", "transfer", {"amount": "1"}) is not None
+    assert len(compiled) == 1
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "objekt"},
+        {"type": "object", "properties": {"a": {"pattern": "("}}},
+        {"$ref": "http://127.0.0.1:9/schema.json"},
+        {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}},
+        "not a schema",
+    ],
+)
+def test_an_unusable_schema_checks_nothing_and_is_logged_once(
+    schema: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A schema that is itself invalid or cannot resolve never crashes a call: it is skipped, logged once."""
+    catalog = _catalog_with(schema)
+    for _ in range(3):
+        assert catalog.argument_problem("up", "transfer", {"a": "x"}) is None
+    assert len([r for r in caplog.records if "inputSchema" in r.getMessage()]) == (
+        0 if isinstance(schema, str) else 1
+    )

@@ -102,6 +102,44 @@ def test_a_new_window_starts_from_zero(window: Window) -> None:
     assert _passes(limiter, limits, now=start + size) == 2
 
 
+@pytest.mark.parametrize("seconds", [7, 90, 86400])
+def test_a_window_of_any_seconds_aligns_to_the_epoch_and_rolls_over(seconds: int) -> None:
+    """A window given in seconds starts at a multiple of it and admits `max` again in the next one."""
+    start = window_start(NOW, seconds)
+    assert start % seconds == 0
+    assert start <= NOW < start + seconds
+    limiter = _limiter()
+    limits = [Limit("c", seconds, 2, "session")]
+    assert _passes(limiter, limits, now=start) == 2
+    refusal = _reserve(limiter, limits, now=start + seconds - 0.5)
+    assert isinstance(refusal, LimitRefusal)
+    assert refusal.message == f"Rate limit c reached: 2 per {seconds} s per session. Retry in 1 s."
+    assert _passes(limiter, limits, now=start + seconds) == 2
+
+
+async def test_seconds_windows_are_written_behind_and_reloaded(tmp_path: pathlib.Path) -> None:
+    """Counts of a 90-second window reach SQLite and a restarted limiter in the same window sees them."""
+    path = tmp_path / "approvals.db"
+    limits = [Limit("c", 90, 3, "grant")]
+    start = window_start(NOW, 90)
+    store = await SqliteStore.open(path)
+    first = RateLimiter(store, clock=lambda: start + 1.0)
+    await first.start()
+    assert _passes(first, limits, now=start + 1.0) == 3
+    await first.close()
+    await store.close()
+    store = await SqliteStore.open(path)
+    second = RateLimiter(store, clock=lambda: start + 2.0)
+    await second.start()
+    try:
+        assert second.count("c", "grant:agent", start) == 3
+        assert _passes(second, limits, now=start + 2.0) == 0
+        assert _passes(second, limits, now=start + 90.0) == 3
+    finally:
+        await second.close()
+        await store.close()
+
+
 def test_scopes_isolate_counts() -> None:
     """grant counts per client, session per session, global across everyone."""
     limiter = _limiter()
@@ -151,10 +189,21 @@ def test_increment_from_adds_the_amount() -> None:
 
 
 @pytest.mark.parametrize(
-    "arguments", [{}, {"amount": -1}, {"amount": True}, {"amount": "5"}, {"amount": math.nan}]
+    "arguments",
+    [
+        {},
+        {"amount": -1},
+        {"amount": True},
+        {"amount": "5"},
+        {"amount": math.nan},
+        {"amount": math.inf},
+        {"amount": 10**400},
+        {"amount": 2**53 + 1},
+    ],
 )
 def test_increment_from_refuses_unusable_amounts(arguments: Mapping[str, object]) -> None:
-    """A missing, non-numeric, boolean or negative amount is refused for good and counts nothing."""
+    """A missing, non-numeric, boolean, negative, non-finite or huge amount is refused for good
+    with a tool-error message (never an exception) and counts nothing."""
     limiter = _limiter()
     spend = Limit("refunds", "day", 1000, "grant", increment_from="args.amount")
     calls = Limit("calls", "minute", 10, "grant")
@@ -162,7 +211,7 @@ def test_increment_from_refuses_unusable_amounts(arguments: Mapping[str, object]
     assert isinstance(refusal, LimitRefusal)
     assert refusal.limit == spend
     assert refusal.retry_after == math.inf
-    assert refusal.message == "args.amount must be a non-negative number for limit refunds"
+    assert refusal.message == "args.amount must be a number from 0 to 9007199254740992 for rate limit refunds"
     assert limiter.snapshot() == {}
 
 
