@@ -9,12 +9,22 @@ from approvals.config import Principal, sha256_hex
 
 
 def bearer_token(header: str | None) -> str | None:
-    """The token of an `Authorization: Bearer …` header, or None."""
+    """The token of an `Authorization: Bearer …` header, or None (also when it is not UTF-8)."""
     if not header:
         return None
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
+    return token if scheme.lower() == "bearer" and token and is_utf8(token) else None
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` came from valid UTF-8: aiohttp keeps other header bytes as lone surrogates,
+    which no token can contain and which cannot be hashed."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class TokenIndex:
@@ -24,7 +34,7 @@ class TokenIndex:
         self._principals = tuple(p for p in principals if p.token_sha256)
 
     def find(self, token: str | None) -> Principal | None:
-        if not token:
+        if not token or not is_utf8(token):
             return None
         digest = sha256_hex(token).encode()
         found: Principal | None = None

@@ -6,7 +6,12 @@ field, and never round-trips a message through a model that could rename or add 
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import operator
+import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -96,23 +101,153 @@ def check_message(obj: object) -> Message:
     )
 
 
+# The deepest nesting of arrays and objects a JSON body may have. Python's decoder recurses once per
+# level, so ~1,000 levels would be a RecursionError; every page that renders a stored request (the
+# inbox's detail page) can rely on this bound too. MCP's own messages need a handful of levels.
+MAX_JSON_DEPTH = 64
+# The largest magnitude a JSON number may have: what a double can hold. Beyond it, a float parses
+# as `inf` (which is not JSON and would be forwarded and stored as `Infinity`) and an integer has no
+# JSON peer that other programs can read.
+MAX_JSON_NUMBER = sys.float_info.max
+
+
+class JsonInputError(ValueError):
+    """The text is JSON Python could decode, but not JSON the gateway accepts (depth, numbers)."""
+
+    def __init__(self, message: str, code: int = PARSE_ERROR, value: object = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.value = value  # for an out-of-range number: the text decoded leniently, if it can be
+
+
 def _reject_constant(name: str) -> object:
     # NaN and Infinity are not JSON; Python would accept them, and a NaN makes every numeric
     # policy condition false, which could let a call through that `deny_if` should stop.
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _out_of_range(literal: str) -> JsonInputError:
+    shown = literal if len(literal) <= 40 else f"{literal[:20]}…{literal[-10:]} ({len(literal)} digits)"
+    return JsonInputError(
+        f"the number {shown} is out of range: JSON numbers must be finite doubles "
+        f"(magnitude at most {MAX_JSON_NUMBER:.6g})",
+        INVALID_PARAMS,
+    )
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise _out_of_range(literal)
+    return value
+
+
+def _bounded_int(literal: str) -> int:
+    value = int(literal)
+    # An integer of at most 308 digits is below 10**308, inside the bound: only longer literals
+    # need the exact test, so an ordinary id costs one len().
+    if len(literal) > 308 and abs(value) > MAX_JSON_NUMBER:
+        raise _out_of_range(literal)
+    return value
+
+
+_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_STRING = re.compile(r'"[^"]*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DELTA = str.maketrans("[{]}", "\x02\x02\x00\x00")
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in JSON `text`, without recursing (or decoding).
+
+    On malformed text it is the deepest any decoder can reach before failing, so a text whose depth
+    is within MAX_JSON_DEPTH cannot make the decoder recurse further.
+    """
+    # Escapes go first, so that `\"` cannot end a string; then strings, whose brackets are text.
+    skeleton = _NOT_BRACKET.sub("", _STRING.sub("", _ESCAPE.sub("", text)))
+    # Each opener counts 2 and each closer 0, so the running sum minus the count so far is the
+    # depth after each bracket; all of it runs in C, linear in the body.
+    steps = skeleton.translate(_DELTA).encode("latin-1")
+    return max(0, max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)), default=0))
+
+
+def check_json_depth(text: str) -> None:
+    """Raise JsonInputError (-32700) when `text` nests deeper than MAX_JSON_DEPTH."""
+    # Fewer openers than the limit cannot nest deeper than it: the common case costs two counts.
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return
+    if (depth := json_depth(text)) > MAX_JSON_DEPTH:
+        raise JsonInputError(
+            f"the JSON nests {depth} levels deep; at most {MAX_JSON_DEPTH} levels of arrays and objects"
+        )
+
+
 # Made once: json.loads / json.dumps with options build a new decoder / encoder on every call.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int
+)
+_LENIENT = json.JSONDecoder()
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
+def decode_text(text: str) -> object:
+    """Decode JSON the gateway accepts: bounded depth, finite numbers, no NaN or Infinity.
+
+    Raises JsonInputError for text that is JSON but out of those bounds, ValueError for text that
+    is not JSON at all.
+    """
+    check_json_depth(text)
+    try:
+        return _DECODER.decode(text)
+    except JsonInputError as exc:
+        raise _located(text, exc) from None
+
+
+def decode_bytes(body: bytes) -> object:
+    """decode_text for a body: UTF-8, -16 or -32, told apart by the first bytes (as json.loads)."""
+    return decode_text(body.decode(json.detect_encoding(body), "surrogatepass"))
+
+
+def _out_of_range_path(value: object) -> str:
+    """Where the first out-of-range number sits in a leniently decoded value, as `a.b[2].c`."""
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, float | int) and not isinstance(item, bool) and abs(item) > MAX_JSON_NUMBER:
+            return path or "the top level"
+        if isinstance(item, dict):
+            stack.extend((f"{path}.{key}" if path else str(key), v) for key, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item))))
+    return "the body"
+
+
+def _located(text: str, exc: JsonInputError) -> JsonInputError:
+    # Only on this error path: decode leniently (the depth was checked) to say where the number is,
+    # and to give parse_message the message's id.
+    try:
+        value = _LENIENT.decode(text)
+    except ValueError:
+        return exc
+    return JsonInputError(f"{_out_of_range_path(value)}: {exc}", exc.code, value)
+
+
+def _id_of(value: object) -> RequestId | None:
+    try:
+        return check_message(value).id
+    except EnvelopeError:
+        return None
 
 
 def parse_message(body: bytes) -> Message:
     """Decode and check one message from a POST body."""
     try:
-        # What json.loads does with bytes: UTF-8, -16 or -32, told apart by the first bytes.
-        obj = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+        obj = decode_bytes(body)
+    except JsonInputError as exc:
+        # An out-of-range number sits in an otherwise well-formed message: answer it with the
+        # message's id, so the client can match the error to its call.
+        raise EnvelopeError(exc.code, str(exc), _id_of(exc.value)) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise EnvelopeError(PARSE_ERROR, f"invalid JSON: {exc}") from None
     return check_message(obj)

@@ -8,7 +8,9 @@
 
 `Authorization: Bearer <reviewer token>`. 401 without a known token, 403 for a token that is not a
 reviewer's and for a reviewer deciding their own agent's call, 404 unknown id, 409 already decided
-(the body names the decision and who took it).
+(the body names the decision and who took it). A decision's body, when there is one, must be a
+JSON object whose `reason` is a string (400 otherwise); JSON is read as UTF-8 whatever `charset`
+the Content-Type names, and is bounded as MCP bodies are (jsonrpc.MAX_JSON_DEPTH, finite numbers).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 
 from aiohttp import web
 
-from approvals.auth import TokenIndex, bearer_token
+from approvals.auth import TokenIndex, bearer_token, is_utf8
 from approvals.config import Principal
+from approvals.jsonrpc import JsonInputError, decode_bytes
 from approvals.queue import ApprovalQueue, DecisionError
 from approvals.store import StoreError
 from approvals.store.records import STATUSES, Approval, AuditEvent
@@ -161,16 +164,9 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
     if isinstance(allowed, web.Response):
         return allowed
     reviewer, queue = allowed
-    reason: str | None = None
-    if request.can_read_body:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, 'the body must be JSON, e.g. {"reason": "…"}')
-        raw = body.get("reason") if isinstance(body, dict) else None
-        if raw is not None and not isinstance(raw, str):
-            return _error(400, "reason must be a string")
-        reason = raw.strip()[:MAX_REASON] if raw else None
+    reason = await _reason(request)
+    if isinstance(reason, web.Response):
+        return reason
     try:
         decided = await queue.decide(
             request.match_info["id"], reviewer, approve=approve, reason=reason, channel="api"
@@ -185,6 +181,46 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
             }
         return _error(exc.status, str(exc), **extra)
     return web.json_response(approval_json(decided))
+
+
+async def _reason(request: web.Request) -> str | web.Response | None:
+    """The optional `reason` of a decision's body, or the 400 saying what is wrong with the body."""
+    if not request.body_exists:
+        return None
+    # JSON is UTF-8 (or -16/-32, told apart by its first bytes) whatever `charset` says: RFC 8259
+    # defines no charset parameter, so a bogus one is ignored rather than looked up.
+    try:
+        data = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"the body is larger than {request.client_max_size} bytes")
+    try:
+        body = decode_bytes(data)
+    except JsonInputError as exc:
+        return _error(400, f"the body is not acceptable JSON: {exc}")
+    except ValueError as exc:  # UnicodeDecodeError is one
+        return _error(400, f'the body must be JSON, e.g. {{"reason": "…"}}: {exc}')
+    if not isinstance(body, dict):
+        return _error(400, f'the body must be a JSON object, e.g. {{"reason": "…"}}, not {_kind(body)}')
+    raw = body.get("reason")
+    if raw is not None and not isinstance(raw, str):
+        return _error(400, f"reason must be a string, not {_kind(raw)}")
+    if raw is not None and not is_utf8(raw):
+        # JSON can spell a lone surrogate ("\ud800"); no store or channel can encode one.
+        return _error(400, "reason must be Unicode text: it holds a lone surrogate (\\ud800-\\udfff)")
+    return raw.strip()[:MAX_REASON] if raw else None
+
+
+def _kind(value: object) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a string" if isinstance(value, str) else "a number"
 
 
 async def approve(request: web.Request) -> web.Response:

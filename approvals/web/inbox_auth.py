@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
 import hmac
 import json
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
+from multidict import MultiDict
 
 from approvals.config import Principal
 
@@ -43,6 +45,12 @@ MIN_ABSOLUTE_SECONDS = 24 * 3600.0
 REFRESH_AFTER_SECONDS = 60.0  # re-issue the sliding cookie at most once a minute
 LOGIN_FORM_SECONDS = 3600.0
 LINK_SECONDS = 600.0  # a one-time login link is good for ten minutes
+
+
+def _same_token(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of a token from a request with the ASCII token we made."""
+    # compare_digest refuses non-ASCII str, and such a token cannot be ours anyway.
+    return given is not None and given.isascii() and hmac.compare_digest(given, expected)
 
 
 def _b64(data: bytes) -> str:
@@ -70,7 +78,9 @@ class Signer:
 
     def verify(self, purpose: str, token: str | None) -> dict[str, object] | None:
         """The payload of a token this signer made for `purpose`, or None."""
-        if not token or len(token) > 4096:
+        # Every token this signer makes is ASCII; anything else (a cookie of latin-1 bytes, which
+        # aiohttp keeps as lone surrogates) is forged and could not even be hashed.
+        if not token or len(token) > 4096 or not token.isascii():
             return None
         body, _, mac = token.partition(".")
         if not hmac.compare_digest(mac.encode(), self.mac(purpose, body).encode()):
@@ -158,7 +168,7 @@ class InboxAuth:
 
     @staticmethod
     def csrf_ok(session: Session, token: str | None) -> bool:
-        return token is not None and hmac.compare_digest(token.encode(), session.csrf.encode())
+        return _same_token(token, session.csrf)
 
     # ---- the login form --------------------------------------------------------------------
 
@@ -176,7 +186,7 @@ class InboxAuth:
         expires = payload.get("exp")
         if not isinstance(expires, int | float) or now >= expires:
             return False
-        return hmac.compare_digest(token.encode(), self.signer.mac("login-csrf", nonce).encode())
+        return _same_token(token, self.signer.mac("login-csrf", nonce))
 
     # ---- one-time login links --------------------------------------------------------------
 
@@ -231,8 +241,9 @@ def served_over_https(request: web.Request, public_url: str) -> bool:
 
 def _origin(scheme: str, host: str) -> str:
     """scheme://host[:port] in normal form (lower case, default port dropped)."""
-    parts = urlsplit(f"{scheme.lower()}://{host}")
     try:
+        # urlsplit refuses an unclosed `[` and NFKC-folding characters; .port a bad port.
+        parts = urlsplit(f"{scheme.lower()}://{host}")
         port = parts.port
     except ValueError:
         return ""
@@ -252,7 +263,10 @@ def origin_allowed(request: web.Request, public_url: str) -> bool:
     origin = request.headers.get("Origin")
     if not origin or origin == "null":
         return False
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
     if not parts.scheme or not parts.netloc:
         return False
     given = _origin(parts.scheme, parts.netloc)
@@ -262,6 +276,50 @@ def origin_allowed(request: web.Request, public_url: str) -> bool:
     if forwarded in ("http", "https"):
         allowed.add(_origin(forwarded, request.host))
     return bool(given) and given in allowed
+
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+MAX_FORM_FIELDS = 100  # the inbox's forms have a handful
+
+
+def _form_refused(status: type[web.HTTPException], message: str) -> web.HTTPException:
+    return status(text=f"{message}\n", content_type="text/plain")
+
+
+def _is_utf8_charset(charset: str) -> bool:
+    try:
+        return codecs.lookup(charset).name == "utf-8"
+    except LookupError:
+        return False
+
+
+async def read_form(request: web.Request) -> MultiDict[str]:
+    """The fields of an inbox form POST, or an HTTP 4xx naming what is wrong with the body.
+
+    The inbox's forms are URL-encoded UTF-8, as browsers send them; anything else (a multipart
+    body, another or unknown charset, bytes that are not UTF-8) is refused rather than guessed at.
+    """
+    if not request.body_exists:
+        return MultiDict()
+    if request.content_type != FORM_TYPE:
+        raise _form_refused(
+            web.HTTPUnsupportedMediaType,
+            f"an inbox form must be sent as {FORM_TYPE}, not {request.content_type!r}",
+        )
+    if request.charset is not None and not _is_utf8_charset(request.charset):
+        raise _form_refused(
+            web.HTTPUnsupportedMediaType, f"an inbox form must be UTF-8, not charset {request.charset!r}"
+        )
+    body = await request.read()
+    try:
+        fields = parse_qsl(
+            body.decode(), keep_blank_values=True, errors="strict", max_num_fields=MAX_FORM_FIELDS
+        )
+    except UnicodeDecodeError:
+        raise _form_refused(web.HTTPBadRequest, "the form is not valid UTF-8") from None
+    except ValueError:
+        raise _form_refused(web.HTTPBadRequest, f"the form has more than {MAX_FORM_FIELDS} fields") from None
+    return MultiDict(fields)
 
 
 def set_session_cookie(response: web.StreamResponse, value: str, max_age: float, secure: bool) -> None:

@@ -55,7 +55,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     inbox = request.app[INBOX]
     if not auth.origin_allowed(request, inbox.settings.server.public_url):
         return inbox.error(request, 403, "Refused", "This request did not come from the inbox's own pages.")
-    form = await request.post()
+    form = await auth.read_form(request)
     target = text_field(form, "next")
     csrf = form.get("csrf")
     now = inbox.now()
@@ -116,7 +116,7 @@ async def link_login(request: web.Request) -> web.StreamResponse:
     inbox = request.app[INBOX]
     if not auth.origin_allowed(request, inbox.settings.server.public_url):
         return inbox.error(request, 403, "Refused", "This request did not come from the inbox's own pages.")
-    form = await request.post()
+    form = await auth.read_form(request)
     csrf, now = form.get("csrf"), inbox.now()
     if not inbox.auth.login_csrf_ok(
         request.cookies.get(auth.LOGIN_COOKIE), csrf if isinstance(csrf, str) else None, now

@@ -19,12 +19,23 @@ LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 def allowed_hostnames(server: ServerSettings) -> frozenset[str]:
     """The host names requests may use: the public URL's, loopback, and any configured."""
     public = urlsplit(server.public_url).hostname or ""
-    return LOOPBACK_NAMES | {public.lower()} | set(server.allowed_hosts)
+    # Never "": that is what a Host or Origin that names no host parses to.
+    return (LOOPBACK_NAMES | {public.lower()} | set(server.allowed_hosts)) - {""}
 
 
 def hostname(host_header: str) -> str:
-    """`example.com:8080` → `example.com`; `[::1]:80` → `::1`."""
-    return (urlsplit(f"//{host_header}").hostname or "").lower()
+    """`example.com:8080` → `example.com`; `[::1]:80` → `::1`; "" when it names no host."""
+    return url_hostname(f"//{host_header}")
+
+
+def url_hostname(url: str) -> str:
+    """The lower-case host name of a URL, or "" when it has none or cannot be parsed."""
+    try:
+        # urlsplit refuses an unclosed `[` and characters NFKC folds into `/`, `?`, `#` or `@`
+        # (a full-width solidus, U+FF0F): such a name matches nothing we serve.
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
 
 
 def origin_middleware(
@@ -35,7 +46,7 @@ def origin_middleware(
         if hostname(request.host) not in allowed:
             return web.json_response({"error": f"Host {request.host!r} is not served here"}, status=421)
         origin = request.headers.get("Origin")
-        if origin is not None and (urlsplit(origin).hostname or "").lower() not in allowed:
+        if origin is not None and url_hostname(origin) not in allowed:
             return web.json_response({"error": f"Origin {origin!r} is not allowed"}, status=403)
         return await handler(request)
 
