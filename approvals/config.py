@@ -45,11 +45,25 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str = "http://127.0.0.1:8080"
+    # False when public_url was derived from host and port: `approvals serve` then derives it
+    # again from the address it actually listens on (--port, or the port 0 picked).
+    public_url_explicit: bool = False
     # Host names a request may name in Host / Origin (DNS-rebinding defence); the public URL's
     # host and the loopback names are always allowed.
     allowed_hosts: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
     session_idle_seconds: float = 3600.0
+    # A session whose client seems gone (it never sent notifications/initialized, or its last
+    # GET stream closed) ends after this long with no request and no stream open.
+    abandoned_session_idle_seconds: float = 120.0
+    max_sessions: int = 256  # each may be an upstream process: bounded in total and per grant
+    max_sessions_per_grant: int = 16
+    # The longest a connection may take to send a request's headers (and body), and the longest
+    # an idle keep-alive connection is kept: slow or silent clients do not hold sockets for ever.
+    read_timeout_seconds: float = 30.0
+    # Per session: the bytes of messages kept for a client stream that is not open, and the most
+    # a GET stream may fall behind before it is ended (the client reconnects and gets what is kept).
+    max_backlog_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +76,11 @@ class ApprovalSettings:
     hold_seconds: float = 45.0
     timeout: float = 900.0
     max_pending_per_grant: int = 20
+    # Repeat calls held open at once for one approval; more are answered at once with its status.
+    max_holds_per_approval: int = 16
+
+
+DEFAULT_CALL_TIMEOUT = 300.0  # seconds: [upstreams.NAME] call_timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +98,9 @@ class UpstreamSettings:
     headers: Mapping[str, str] = field(
         default_factory=dict, repr=False
     )  # may carry the upstream's credential
+    # The longest the gateway waits for the upstream's answer to a call it makes itself (a
+    # release, a tool listing): a release whose upstream never answers ends failed/timeout.
+    call_timeout: float = DEFAULT_CALL_TIMEOUT
 
     @property
     def is_stdio(self) -> bool:
@@ -238,6 +260,8 @@ def _string_table(value: Any) -> dict[str, str]:
 
 def _read_server(r: _Reader, data: Mapping[str, Any]) -> ServerSettings:
     known = {"host", "port", "public_url", "allowed_hosts", "max_body_bytes", "session_idle"}
+    known |= {"abandoned_session_idle", "max_sessions", "max_sessions_per_grant", "read_timeout"}
+    known |= {"max_backlog_bytes"}
     t = r.table(data, "", "server", known)
     d = ServerSettings()
     port = r.get(t, "server", "port", d.port, _port)
@@ -249,26 +273,43 @@ def _read_server(r: _Reader, data: Mapping[str, Any]) -> ServerSettings:
             public_url = _http_url(override)
         except ValueError as exc:
             r.error("server.public_url", f"{exc}; it comes from APPROVALS_PUBLIC_URL")
-    if not public_url:
-        public_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     return ServerSettings(
         host=host,
         port=port,
-        public_url=public_url,
+        public_url=public_url or served_url(host, port),
+        public_url_explicit=bool(public_url),
         allowed_hosts=r.get(t, "server", "allowed_hosts", (), _host_list),
         max_body_bytes=r.get(t, "server", "max_body_bytes", d.max_body_bytes, _positive_int),
         session_idle_seconds=r.get(t, "server", "session_idle", d.session_idle_seconds, _seconds),
+        abandoned_session_idle_seconds=r.get(
+            t, "server", "abandoned_session_idle", d.abandoned_session_idle_seconds, _seconds
+        ),
+        max_sessions=r.get(t, "server", "max_sessions", d.max_sessions, _positive_int),
+        max_sessions_per_grant=r.get(
+            t, "server", "max_sessions_per_grant", d.max_sessions_per_grant, _positive_int
+        ),
+        read_timeout_seconds=r.get(t, "server", "read_timeout", d.read_timeout_seconds, _seconds),
+        max_backlog_bytes=r.get(t, "server", "max_backlog_bytes", d.max_backlog_bytes, _positive_int),
     )
 
 
+def served_url(host: str, port: int) -> str:
+    """The base URL of a gateway listening on `host`:`port`, for links when no public_url is set."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _read_approvals(r: _Reader, data: Mapping[str, Any]) -> ApprovalSettings:
-    t = r.table(data, "", "approvals", {"hold_seconds", "timeout", "max_pending_per_grant"})
+    known = {"hold_seconds", "timeout", "max_pending_per_grant", "max_holds_per_approval"}
+    t = r.table(data, "", "approvals", known)
     d = ApprovalSettings()
     return ApprovalSettings(
         hold_seconds=r.get(t, "approvals", "hold_seconds", d.hold_seconds, _seconds),
         timeout=r.get(t, "approvals", "timeout", d.timeout, _seconds),
         max_pending_per_grant=r.get(
             t, "approvals", "max_pending_per_grant", d.max_pending_per_grant, _positive_int
+        ),
+        max_holds_per_approval=r.get(
+            t, "approvals", "max_holds_per_approval", d.max_holds_per_approval, _positive_int
         ),
     )
 
@@ -286,7 +327,7 @@ def _read_upstream(
     if not isinstance(t, dict):
         r.error(path, f"must be a table ([upstreams.{name}] with command or url), not {_kind(t)}")
         return None
-    r.unknown(t, path, {"command", "url", "headers", "policy", "env", "cwd"})
+    r.unknown(t, path, {"command", "url", "headers", "policy", "env", "cwd", "call_timeout"})
     if ("command" in t) == ("url" in t):
         r.error(path, 'needs exactly one of "command" (stdio) or "url" (Streamable HTTP)')
     no_command: tuple[str, ...] = ()
@@ -318,7 +359,8 @@ def _read_upstream(
         cwd = base / cwd_name
         if not cwd.is_dir():
             r.error(f"{path}.cwd", f"must name an existing directory (there is no directory {cwd})")
-    return UpstreamSettings(name, policy, command, cwd, env, url, headers)
+    call_timeout = r.get(t, path, "call_timeout", DEFAULT_CALL_TIMEOUT, _seconds)
+    return UpstreamSettings(name, policy, command, cwd, env, url, headers, call_timeout)
 
 
 def _read_headers(r: _Reader, t: Mapping[str, Any], path: str) -> dict[str, str]:

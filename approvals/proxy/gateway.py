@@ -1,17 +1,32 @@
-"""The gateway's live state: client sessions by id, their upstream connections, and the idle reaper."""
+"""The gateway's live state: client sessions by id, their upstream connections, and the idle reaper.
+
+Sessions are bounded: `[server] max_sessions` in all and `max_sessions_per_grant` per grant (each
+may be an upstream process), and a session no client uses any more is ended — after
+`session_idle` with no request and no stream open, or after the shorter `abandoned_session_idle`
+when its client seems gone (it never finished the handshake, or its GET stream closed).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 
 import aiohttp
 
 from approvals.config import Settings
-from approvals.jsonrpc import HANDSHAKE_VERSIONS, UPSTREAM_UNAVAILABLE, JsonObject, error_response
+from approvals.errors import ProtocolError
+from approvals.jsonrpc import (
+    HANDSHAKE_VERSIONS,
+    INVALID_REQUEST,
+    UPSTREAM_UNAVAILABLE,
+    JsonObject,
+    error_response,
+)
 from approvals.proxy.gate import Gate
 from approvals.proxy.http1 import Pool
 from approvals.proxy.session import Session
@@ -21,21 +36,30 @@ log = logging.getLogger(__name__)
 
 GATEWAY_CLIENT = {"name": "approvals-gateway", "version": "1"}
 SERVICE_GRANT = "(gateway)"  # not a configurable grant name: config names must start with a letter or digit
+MAX_REAP_INTERVAL_SECONDS = 30.0
+TOO_MANY_SESSIONS = 429  # HTTP status of an initialize refused for a session limit
 
 
 class Gateway:
     """Creates, finds and ends client sessions. One per application."""
 
-    def __init__(self, settings: Settings, gate: Gate) -> None:
+    def __init__(self, settings: Settings, gate: Gate, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.gate = gate
+        self.clock = clock  # for idle times; tests drive `reap` with their own `now`
         self.sessions: dict[str, Session] = {}
+        self._opening: collections.Counter[str] = collections.Counter()  # initializes under way, per grant
+        self.holds: collections.Counter[str] = collections.Counter()  # calls held open, per approval id
+        server = settings.server
+        shortest = min(server.session_idle_seconds, server.abandoned_session_idle_seconds)
+        self.reap_interval = min(shortest / 4, MAX_REAP_INTERVAL_SECONDS)
         # The gateway's own upstream sessions, for calls that outlive the client's session
         # (a release after the hold ran out) and for reading tool definitions.
         self._service: dict[str, Session] = {}
         self._service_lock = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
-        self._pool = Pool()  # keep-alive connections for the POSTs to HTTP upstreams (the hot path)
+        # Keep-alive connections for the POSTs to HTTP upstreams (the hot path); answers are bounded too.
+        self._pool = Pool(max_body_bytes=settings.server.max_body_bytes)
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -49,16 +73,51 @@ class Gateway:
         self._reaper = asyncio.create_task(self._reap_idle(), name="session-reaper")
 
     async def open_session(self, grant: str, upstream: str) -> Session:
-        """A new session, connected to a new upstream session (a new process for stdio)."""
-        session = await self._connect(grant, upstream)
+        """A new session, connected to a new upstream session (a new process for stdio).
+
+        Raises ProtocolError (HTTP 429) when the grant, or the gateway, has its most sessions open.
+        """
+        self._check_session_limits(grant)
+        self._opening[grant] += 1
+        try:
+            session = await self._connect(grant, upstream)
+        finally:
+            self._opening[grant] -= 1
+            if not self._opening[grant]:
+                del self._opening[grant]
         session.on_close = self._forget
         self.sessions[session.id] = session
         return session
 
+    def _check_session_limits(self, grant: str) -> None:
+        server = self.settings.server
+        total = len(self.sessions) + self._opening.total()
+        if total >= server.max_sessions:
+            raise ProtocolError(
+                INVALID_REQUEST,
+                f"the gateway has {total} sessions open, the most [server] max_sessions allows;"
+                " try again when one ends",
+                status=TOO_MANY_SESSIONS,
+            )
+        mine = self._opening[grant] + sum(1 for s in self.sessions.values() if s.grant == grant)
+        if mine >= server.max_sessions_per_grant:
+            raise ProtocolError(
+                INVALID_REQUEST,
+                f"grant {grant!r} has {mine} sessions open, the most [server] max_sessions_per_grant"
+                " allows; end one (DELETE with its Mcp-Session-Id) or wait for an idle one to expire",
+                status=TOO_MANY_SESSIONS,
+            )
+
     async def _connect(self, grant: str, upstream: str) -> Session:
         assert self._http is not None, "Gateway.start() was not awaited"
         settings = self.settings.upstreams[upstream]
-        session = Session(secrets.token_urlsafe(32), grant, settings)
+        session = Session(
+            secrets.token_urlsafe(32),
+            grant,
+            settings,
+            max_backlog_bytes=self.settings.server.max_backlog_bytes,
+            clock=self.clock,
+        )
         session.connection = connect(
             settings, self._http, self._pool, session.on_upstream_message, session.on_upstream_closed
         )
@@ -108,7 +167,7 @@ class Gateway:
         session = self.sessions.get(session_id)
         if session is None or session.grant != grant or session.upstream_name != upstream:
             return None
-        session.last_seen = time.monotonic()
+        session.touch()
         return session
 
     def _forget(self, session: Session) -> None:
@@ -119,13 +178,29 @@ class Gateway:
         await session.close(reason)
 
     async def _reap_idle(self) -> None:
-        idle = self.settings.server.session_idle_seconds
         while True:
-            await asyncio.sleep(min(idle, 60.0))
-            cutoff = time.monotonic() - idle
-            for session in [s for s in self.sessions.values() if s.last_seen < cutoff]:
-                log.info("closing session %s… after %.0f s idle", session.id[:8], idle)
-                await self.end_session(session, "the session was idle too long")
+            await asyncio.sleep(self.reap_interval)
+            await self.reap()
+
+    async def reap(self, now: float | None = None) -> list[Session]:
+        """End every session idle past its limit (at `now`, by default the clock's); the ended ones."""
+        now = self.clock() if now is None else now
+        ended = [s for s in self.sessions.values() if self._idle_past_limit(s, now)]
+        for session in ended:
+            log.info("closing session %s… after %.0f s idle", session.id[:8], now - session.last_seen)
+        await asyncio.gather(
+            *(self.end_session(s, "the session was idle too long") for s in ended), return_exceptions=True
+        )
+        return ended
+
+    def _idle_past_limit(self, session: Session, now: float) -> bool:
+        if session.busy:
+            return False
+        server = self.settings.server
+        limit = server.session_idle_seconds
+        if session.abandoned:
+            limit = min(limit, server.abandoned_session_idle_seconds)
+        return now - session.last_seen >= limit
 
     def drain(self) -> None:
         """First step of shutdown: end idle streams and holds so in-flight requests can finish."""

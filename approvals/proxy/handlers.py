@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Callable
 
 from aiohttp import web
 
 from approvals.auth import bearer_token
 from approvals.config import Principal
-from approvals.errors import ApprovalsError
+from approvals.errors import ApprovalsError, ProtocolError
 from approvals.jsonrpc import (
     HANDSHAKE_VERSIONS,
     INTERNAL_ERROR,
+    INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
+    PARSE_ERROR,
     UPSTREAM_UNAVAILABLE,
     EnvelopeError,
     JsonObject,
@@ -33,7 +36,7 @@ from approvals.jsonrpc import (
 from approvals.proxy.gate import ToolCall
 from approvals.proxy.gateway import Gateway
 from approvals.proxy.hold import stream_hold
-from approvals.proxy.session import Exchange, Session
+from approvals.proxy.session import Exchange, Session, bad_progress_token
 from approvals.proxy.sse import SSE_HEADERS, encode_comment, encode_event
 from approvals.web.keys import GATEWAY, GRANTS
 
@@ -86,16 +89,73 @@ def _session_for(request: web.Request, grant: Principal, upstream: str) -> Sessi
     return session
 
 
-async def _read(request: web.Request) -> Message | web.Response:
-    limit = request.app[GATEWAY].settings.server.max_body_bytes
+class BodyError(Exception):
+    """A request body the gateway will not decode: `status` and JSON-RPC `code` say why."""
+
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+# The codings a POST body may come in, as zlib window bits (None: as it is). The server does not
+# inflate bodies itself (`auto_decompress=False` in the app): it would inflate a body in full, even
+# one it then refuses, and a 1 MiB gzip body can inflate to 1 GiB.
+CODINGS: dict[str, int | None] = {
+    "identity": None,
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
+
+
+def _decoder(request: web.Request) -> tuple[str, zlib._Decompress | None]:
+    coding = ",".join(request.headers.getall("Content-Encoding", [])).strip().lower() or "identity"
+    if coding not in CODINGS:
+        supported = ", ".join(CODINGS)
+        raise BodyError(
+            415, INVALID_REQUEST, f"unsupported Content-Encoding {coding!r}; use one of {supported}"
+        )
+    wbits = CODINGS[coding]
+    return coding, (zlib.decompressobj(wbits) if wbits is not None else None)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, decoded as its Content-Encoding says; never more than `limit` bytes read or inflated."""
+    too_large = BodyError(413, INVALID_REQUEST, f"the request body is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
-        return rpc_error(413, INVALID_REQUEST, f"the request body is larger than {limit} bytes")
+        raise too_large
+    coding, decoder = _decoder(request)
+    body = bytearray()
+    received = 0
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return rpc_error(413, INVALID_REQUEST, f"the request body is larger than {limit} bytes")
+        while chunk := await request.content.readany():
+            received += len(chunk)
+            if received > limit:
+                raise too_large
+            # At most one byte past the limit is inflated: enough to know the body is too large.
+            body += decoder.decompress(chunk, limit + 1 - len(body)) if decoder is not None else chunk
+            if len(body) > limit:
+                raise too_large
+    except zlib.error as exc:
+        raise BodyError(400, PARSE_ERROR, f"the body is not valid {coding} data: {exc}") from None
+    if decoder is not None and not (decoder.eof and not decoder.unused_data):
+        problem = "ends before its end" if not decoder.eof else "has data after its end"
+        raise BodyError(400, PARSE_ERROR, f"the {coding} body {problem}")
+    return bytes(body)
+
+
+async def _read(request: web.Request) -> Message | web.Response:
     try:
+        server = request.app[GATEWAY].settings.server
+        # A body sent slowly holds its connection: it must arrive within the read timeout.
+        async with asyncio.timeout(server.read_timeout_seconds):
+            body = await read_body(request, server.max_body_bytes)
         return parse_message(body)
+    except BodyError as exc:
+        return rpc_error(exc.status, exc.code, str(exc))
+    except TimeoutError:
+        return rpc_error(408, INVALID_REQUEST, "the request body did not arrive within the read timeout")
     except EnvelopeError as exc:
         return rpc_error(400, exc.code, str(exc), exc.request_id)
 
@@ -112,8 +172,21 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     message = await _read(request)
     if isinstance(message, web.Response):
         return message
-    if message.method == "initialize":
-        return await _initialize(request, gateway, grant, upstream, message)
+    try:
+        if message.method == "initialize":
+            return await _initialize(request, gateway, grant, upstream, message)
+        return await _session_message(request, gateway, grant, upstream, message)
+    except ConnectionResetError:
+        # The client left before its answer: nothing to tell it, and not the gateway's error
+        # (aiohttp would log the exception with its traceback). Counters stay as they are: a
+        # forwarded call may have run.
+        log.debug("client left before the answer to %r", message.id)
+        return web.Response(status=499)
+
+
+async def _session_message(
+    request: web.Request, gateway: Gateway, grant: Principal, upstream: str, message: Message
+) -> web.StreamResponse:
     if message.method == "server/discover" and "Mcp-Session-Id" not in request.headers:
         # The gateway speaks the session-based protocol versions; this error makes a 2026-07-28
         # client fall back to `initialize`.
@@ -126,6 +199,9 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     session = _session_for(request, grant, upstream)
     if isinstance(session, web.Response):
         return session
+    if message.kind == "notification" and message.method == "tools/call":
+        # A call sent without an id would reach the upstream unjudged; it is refused, not forwarded.
+        return rpc_error(400, INVALID_REQUEST, "tools/call must be a request, with an id")
     if message.kind != "request":
         session.forward(message)
         return web.Response(status=202)
@@ -141,6 +217,8 @@ async def _initialize(
         session = await gateway.open_session(grant.name, upstream)
     except ConnectionError as exc:
         return rpc_error(502, UPSTREAM_UNAVAILABLE, f"upstream {upstream} unavailable: {exc}", message.id)
+    except ProtocolError as exc:  # a session limit: 429
+        return rpc_error(exc.status, exc.code, exc.message, message.id)
     exchange = session.forward_request(message)
     response, answer = await _relay(request, session, exchange, headers={"Mcp-Session-Id": session.id})
     result = answer.get("result") if answer else None
@@ -154,38 +232,69 @@ async def _initialize(
 async def _request(
     request: web.Request, gateway: Gateway, session: Session, message: Message
 ) -> web.StreamResponse:
-    transform: Transform | None = None
+    if (bad_token := bad_progress_token(message.params)) is not None:
+        return rpc_error(200, INVALID_PARAMS, bad_token, message.id)  # before the gate judges it
     if message.method == "tools/call":
-        params = message.params
-        name, arguments = params.get("name"), params.get("arguments", {})
-        if isinstance(name, str) and isinstance(arguments, dict):
-            call = ToolCall(session.upstream_name, session.grant, session.id, name, arguments)
-            try:
-                admission = await gateway.gate.admit(call)
-            except ApprovalsError as exc:  # a StoreError among them
-                # Fail closed: a call that could not be checked is not forwarded.
-                log.exception("could not admit %s on %s", name, session.upstream_name)
-                return rpc_error(
-                    500, INTERNAL_ERROR, f"the gateway could not check this call: {exc}", message.id
-                )
-            if admission.hold is not None:
-                hold_seconds = gateway.settings.approvals.hold_seconds
-                return await stream_hold(request, session, message, admission.hold, hold_seconds)
-            if admission.answer is not None:
-                assert message.id is not None
-                return json_message(result_response(message.id, admission.answer))
-            on_result = admission.on_result
-        else:
-            on_result = None  # malformed: the upstream answers with its own -32602
-        exchange = session.forward_request(message)
-        response, answer = await _relay(request, session, exchange)
-        if on_result is not None:
-            on_result(answer or error_response(message.id, UPSTREAM_UNAVAILABLE, "no answer"))
-        return response
-    if message.method == "tools/list":
-        transform = _tool_filter(gateway, session.upstream_name)
+        return await _tool_call(request, gateway, session, message)
+    transform = _tool_filter(gateway, session.upstream_name) if message.method == "tools/list" else None
     exchange = session.forward_request(message)
     response, _ = await _relay(request, session, exchange, transform=transform)
+    return response
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "not an object"
+
+
+def _judged(message: Message) -> tuple[str, JsonObject, JsonObject] | str:
+    """The tool name and arguments the gate judges, and the body to forward; or what is wrong.
+
+    Upstreams (the MCP SDKs among them) run a call with missing or null `arguments` as `{}`, so it
+    is judged as `{}` and forwarded as `{}`: what runs is what the policy saw. Any other
+    non-object could be coerced by a lenient upstream in ways the policy never saw: refused.
+    """
+    params = message.params
+    name, given = params.get("name"), params.get("arguments")
+    if not isinstance(name, str):
+        return f'tools/call needs "name", a string (got {_json_type(name) if "name" in params else "none"})'
+    if isinstance(given, dict):
+        return name, given, message.body
+    if given is not None:
+        return f'the "arguments" of tools/call must be an object (got {_json_type(given)})'
+    return name, {}, {**message.body, "params": {**params, "arguments": {}}}
+
+
+async def _tool_call(
+    request: web.Request, gateway: Gateway, session: Session, message: Message
+) -> web.StreamResponse:
+    """Every call is judged by the gate before anything reaches the upstream."""
+    judged = _judged(message)
+    if isinstance(judged, str):
+        return rpc_error(200, INVALID_PARAMS, judged, message.id)
+    name, arguments, body = judged
+    call = ToolCall(session.upstream_name, session.grant, session.id, name, arguments)
+    try:
+        admission = await gateway.gate.admit(call)
+    except ApprovalsError as exc:  # a StoreError among them
+        # Fail closed: a call that could not be checked is not forwarded.
+        log.exception("could not admit %s on %s", name, session.upstream_name)
+        return rpc_error(500, INTERNAL_ERROR, f"the gateway could not check this call: {exc}", message.id)
+    if admission.hold is not None:
+        hold_seconds = gateway.settings.approvals.hold_seconds
+        return await stream_hold(request, session, message, admission.hold, hold_seconds)
+    if admission.answer is not None:
+        assert message.id is not None
+        return json_message(result_response(message.id, admission.answer))
+    exchange = session.forward_request(message, body)
+    response, answer = await _relay(request, session, exchange)
+    if admission.on_result is not None:
+        admission.on_result(answer or error_response(message.id, UPSTREAM_UNAVAILABLE, "no answer"))
     return response
 
 
@@ -252,7 +361,8 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
     session = _session_for(request, grant, upstream)
     if isinstance(session, web.Response):
         return session
-    outbox = session.open_stream()
+    transport = request.transport
+    outbox = session.open_stream(transport.abort if transport is not None else None)
     stream = web.StreamResponse(headers=SSE_HEADERS)
     await stream.prepare(request)
     try:

@@ -5,6 +5,10 @@ its timer), so a held call is answered on an SSE stream that carries a sign of l
 seconds: `notifications/progress` when the client sent a progress token, an SSE comment
 otherwise. After `hold_seconds` without a decision the call is answered with a result saying the
 approval is pending and how to get the outcome; the approval itself stays pending.
+
+At most `[approvals] max_holds_per_approval` calls are held open for one approval at once; a
+repeat call beyond that is answered at once with the same pending result, rather than holding
+one more connection for an answer the others will get.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from aiohttp import web
 
 from approvals.jsonrpc import JsonObject, Message, encode, result_response
 from approvals.proxy.gate import Hold
-from approvals.proxy.session import Session
+from approvals.proxy.session import Session, bad_progress_token
 from approvals.proxy.sse import SSE_HEADERS, encode_comment, encode_event
+from approvals.web.keys import GATEWAY
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +41,31 @@ async def stream_hold(
 ) -> web.StreamResponse:
     """Answer a held call: signs of life until its outcome, or the pending result at the deadline."""
     assert message.id is not None
+    holds = request.app[GATEWAY].holds
+    if holds[hold.approval_id] >= request.app[GATEWAY].settings.approvals.max_holds_per_approval:
+        body = encode(result_response(message.id, hold.pending_result(clock())))
+        return web.Response(body=body, content_type="application/json")
+    holds[hold.approval_id] += 1
+    try:
+        return await _hold_open(request, session, message, hold, hold_seconds, clock)
+    finally:
+        holds[hold.approval_id] -= 1
+        if not holds[hold.approval_id]:
+            del holds[hold.approval_id]
+
+
+async def _hold_open(
+    request: web.Request,
+    session: Session,
+    message: Message,
+    hold: Hold,
+    hold_seconds: float,
+    clock: Callable[[], float],
+) -> web.StreamResponse:
+    assert message.id is not None
     meta = message.params.get("_meta")
-    token = meta.get("progressToken") if isinstance(meta, dict) else None
+    valid = bad_progress_token(message.params) is None  # the handler refuses others first
+    token = meta.get("progressToken") if valid and isinstance(meta, dict) else None
     session.held[message.id] = hold
     stream = web.StreamResponse(headers=SSE_HEADERS)
     await stream.prepare(request)
@@ -59,7 +87,13 @@ async def stream_hold(
                 break
             if outcome is None or (outcome.done() and outcome.result() is None):
                 outcome = asyncio.ensure_future(hold.wait(remaining))
-            await asyncio.wait((outcome, drained), timeout=min(SIGN_OF_LIFE_SECONDS, remaining))
+            # FIRST_COMPLETED: the outcome must reach the agent the moment it is known, not at the
+            # next sign of life (the default, ALL_COMPLETED, waited out the whole timeout).
+            await asyncio.wait(
+                (outcome, drained),
+                timeout=min(SIGN_OF_LIFE_SECONDS, remaining),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if message.id in session.cancelled:
                 break  # the client cancelled: the spec says a cancelled request gets no answer
             result = outcome.result() if outcome.done() else None

@@ -26,6 +26,8 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 MAX_IDLE_PER_ORIGIN = 256
 MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE = 4096
+MAX_BODY_BYTES = 4 * 1024 * 1024  # server.max_body_bytes' default
+DECODE_STEP = 256 * 1024  # the most inflated from a compressed answer at a time
 
 
 class HttpError(ConnectionError):
@@ -108,6 +110,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self._receiver: Receiver | None = None
         self._buffer = b""
+        self._pos = 0  # where the unparsed part of `_buffer` starts
         self._state = _IDLE
         self._remaining = 0
         self._keep_alive = True
@@ -136,7 +139,10 @@ class Connection(asyncio.Protocol):
             # Nothing was asked: a server talking out of turn. Do not reuse this connection.
             self.abort()
             return
-        self._buffer = self._buffer + data if self._buffer else data
+        # Only an unfinished line (a head, a chunk size, a trailer) is left from before, and each
+        # is bounded: joining it to the new data keeps the work linear in the response's size.
+        self._buffer = self._buffer[self._pos :] + data if self._pos < len(self._buffer) else data
+        self._pos = 0
         try:
             self._parse()
         except (ValueError, zlib.error) as exc:
@@ -149,6 +155,7 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         assert self._receiver is None, "one request at a time"
         self._receiver = receiver
+        self._buffer, self._pos = b"", 0
         self._state = _HEAD
         self._keep_alive = True
         self._decoder = None
@@ -167,65 +174,76 @@ class Connection(asyncio.Protocol):
             receiver.fail(error)
 
     def _parse(self) -> None:
-        while self._receiver is not None and self._buffer and not self.closed:
+        # The buffer is read from `_pos` on and never sliced while parsing: a response of many
+        # small chunks would otherwise copy its tail once per chunk.
+        while self._receiver is not None and self._pos < len(self._buffer) and not self.closed:
             state = self._state
             if state == _HEAD:
                 if not self._parse_head():
                     return
-            elif state == _LENGTH:
-                piece = self._buffer[: self._remaining]
-                self._buffer = self._buffer[len(piece) :]
-                self._remaining -= len(piece)
-                self._data(piece)
-                if self._remaining == 0:
-                    self._complete()
+            elif state in (_LENGTH, _CHUNK_DATA):
+                self._data(self._take(self._remaining))
+                if self._remaining == 0 and not self.closed:
+                    if state == _LENGTH:
+                        self._complete()
+                    else:
+                        self._state = _CHUNK_END
             elif state == _CHUNK_SIZE:
-                line_end = self._buffer.find(b"\r\n")
-                if line_end < 0:
-                    if len(self._buffer) > MAX_CHUNK_LINE:
-                        raise ValueError("chunk size line too long")
+                line = self._line(MAX_CHUNK_LINE, "chunk size line")
+                if line is None:
                     return
-                size = int(self._buffer[:line_end].split(b";", 1)[0].strip(), 16)
-                self._buffer = self._buffer[line_end + 2 :]
+                size = int(line.split(b";", 1)[0].strip(), 16)
+                if size < 0:
+                    raise ValueError("negative chunk size")
                 if size == 0:
                     self._state = _TRAILER
                 else:
                     self._remaining, self._state = size, _CHUNK_DATA
-            elif state == _CHUNK_DATA:
-                piece = self._buffer[: self._remaining]
-                self._buffer = self._buffer[len(piece) :]
-                self._remaining -= len(piece)
-                self._data(piece)
-                if self._remaining == 0:
-                    self._state = _CHUNK_END
             elif state == _CHUNK_END:
-                if len(self._buffer) < 2:
+                if len(self._buffer) - self._pos < 2:
                     return
-                if self._buffer[:2] != b"\r\n":
+                if self._take(2) != b"\r\n":
                     raise ValueError("chunk not followed by CRLF")
-                self._buffer = self._buffer[2:]
                 self._state = _CHUNK_SIZE
             elif state == _TRAILER:
-                line_end = self._buffer.find(b"\r\n")
-                if line_end < 0:
+                line = self._line(MAX_HEAD_BYTES, "trailer line")
+                if line is None:
                     return
-                self._buffer = self._buffer[line_end + 2 :]
-                if line_end == 0:  # the empty line that ends the trailers
+                if not line:  # the empty line that ends the trailers
                     self._complete()
             elif state == _UNTIL_CLOSE:
-                piece, self._buffer = self._buffer, b""
-                self._data(piece)
+                self._data(self._take(len(self._buffer) - self._pos))
             else:
                 raise ValueError("data after the response")
 
-    def _parse_head(self) -> bool:
-        end = self._buffer.find(b"\r\n\r\n")
+    def _take(self, most: int) -> bytes:
+        """Up to `most` bytes from the buffer (the buffer itself when that is all of it)."""
+        start, buffer = self._pos, self._buffer
+        end = min(len(buffer), start + most)
+        self._pos = end
+        if self._state in (_LENGTH, _CHUNK_DATA):
+            self._remaining -= end - start
+        return buffer if start == 0 and end == len(buffer) else buffer[start:end]
+
+    def _line(self, limit: int, what: str) -> bytes | None:
+        """The next CRLF-ended line without its CRLF, or None until it has all arrived."""
+        end = self._buffer.find(b"\r\n", self._pos)
         if end < 0:
-            if len(self._buffer) > MAX_HEAD_BYTES:
+            if len(self._buffer) - self._pos > limit:
+                raise ValueError(f"{what} too long")
+            return None
+        line = self._buffer[self._pos : end]
+        self._pos = end + 2
+        return line
+
+    def _parse_head(self) -> bool:
+        end = self._buffer.find(b"\r\n\r\n", self._pos)
+        if end < 0:
+            if len(self._buffer) - self._pos > MAX_HEAD_BYTES:
                 raise ValueError("response head too long")
             return False
-        lines = self._buffer[:end].decode("latin-1").split("\r\n")
-        self._buffer = self._buffer[end + 4 :]
+        lines = self._buffer[self._pos : end].decode("latin-1").split("\r\n")
+        self._pos = end + 4
         version, _, rest = lines[0].partition(" ")
         if not version.startswith("HTTP/1."):
             raise ValueError(f"not an HTTP/1.x status line: {lines[0][:100]!r}")
@@ -265,11 +283,19 @@ class Connection(asyncio.Protocol):
         return True
 
     def _data(self, piece: bytes) -> None:
-        assert self._receiver is not None
-        if self._decoder is not None:
-            piece = self._decoder.decompress(piece)
-        if piece:
-            self._receiver.data(piece)
+        receiver = self._receiver
+        assert receiver is not None
+        if self._decoder is None:
+            if piece:
+                receiver.data(piece)
+            return
+        # Inflated a step at a time: a receiver that has had enough (its size limit) stops a
+        # compressed answer before all of it is inflated.
+        while piece and self._receiver is receiver and not self.closed:
+            out = self._decoder.decompress(piece, DECODE_STEP)
+            piece = self._decoder.unconsumed_tail
+            if out:
+                receiver.data(out)
 
     def _flush_decoder(self, receiver: Receiver) -> None:
         if self._decoder is not None and (rest := self._decoder.flush()):
@@ -280,7 +306,7 @@ class Connection(asyncio.Protocol):
         self._state = _IDLE
         assert receiver is not None
         self._flush_decoder(receiver)
-        if self._keep_alive and not self._buffer and not self.closed:
+        if self._keep_alive and self._pos == len(self._buffer) and not self.closed:
             self._pool.put(self)
         else:
             self.abort()
@@ -290,7 +316,12 @@ class Connection(asyncio.Protocol):
 class Pool:
     """Idle keep-alive connections per origin (scheme, host, port)."""
 
-    def __init__(self, *, connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self, *, connect_timeout: float = CONNECT_TIMEOUT_SECONDS, max_body_bytes: int = MAX_BODY_BYTES
+    ) -> None:
+        # The largest answer (a JSON body, or one SSE event) its users accept: the parser streams,
+        # so it is theirs to count (one SSE stream may carry any number of events).
+        self.max_body_bytes = max_body_bytes
         self._idle: dict[tuple[str, str, int], list[Connection]] = {}
         self._connect_timeout = connect_timeout
         self._ssl: ssl.SSLContext | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -18,9 +17,17 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from approvals.config import UpstreamSettings
-from approvals.jsonrpc import UPSTREAM_UNAVAILABLE, JsonObject, RequestId, encode, error_response
+from approvals.jsonrpc import (
+    UPSTREAM_UNAVAILABLE,
+    JsonObject,
+    RequestId,
+    decode_bytes,
+    decode_text,
+    encode,
+    error_response,
+)
 from approvals.proxy.http1 import Connection, HttpError, Pool, Url, header_lines, request_bytes
-from approvals.proxy.sse import SseDecoder, read_events
+from approvals.proxy.sse import SseDecoder, TooLarge, read_events
 
 if TYPE_CHECKING:
     from approvals.proxy.upstream import OnClose, Sink
@@ -112,7 +119,8 @@ class HttpUpstream:
 
     def _deliver(self, data: str | bytes, request_id: object) -> bool:
         """Pass one received message on; True when it is the answer to `request_id`."""
-        message = json.loads(data)
+        # The gateway's own bounds (depth, finite numbers) hold for what upstreams send, too.
+        message = decode_text(data) if isinstance(data, str) else decode_bytes(data)
         if not isinstance(message, dict):
             return False
         is_answer = "method" not in message and message.get("id") == request_id
@@ -129,8 +137,8 @@ class HttpUpstream:
             ) as resp:
                 if resp.status != 200:
                     return  # 405: this server has no standalone stream, which the spec allows
-                async for event in read_events(resp.content):
-                    message = json.loads(event.data)
+                async for event in read_events(resp.content, self._pool.max_body_bytes):
+                    message = decode_text(event.data)
                     if isinstance(message, dict):
                         self._sink(message, None)
         except (aiohttp.ClientError, ValueError) as exc:
@@ -173,6 +181,7 @@ class _Post:
         "_conn",
         "_mode",
         "_redirects",
+        "_size",
         "_sse",
         "_status",
         "_url",
@@ -198,7 +207,8 @@ class _Post:
         self.connecting: asyncio.Task[None] | None = None
         self._mode = _IGNORE
         self._status = 0
-        self._buffer = b""
+        self._buffer: list[bytes] = []  # a JSON answer's pieces, joined once when it is complete
+        self._size = 0
         self._sse: SseDecoder | None = None
         upstream._posts.add(self)
 
@@ -268,15 +278,31 @@ class _Post:
             self.fail(ConnectionError(f"HTTP {status}"))
         elif content_type.startswith("text/event-stream"):
             self._mode = _SSE
-            self._sse = SseDecoder()
+            self._sse = SseDecoder(upstream._pool.max_body_bytes)
         else:
             self._mode = _JSON
+            self._check_length(headers.get("content-length", ""))
+
+    def _check_length(self, length: str) -> None:
+        """An answer that says it is too large is refused before any of it is read."""
+        limit = self.upstream._pool.max_body_bytes
+        if length.isdigit() and int(length) > limit:
+            self.fail(TooLarge(f"the upstream's answer is {int(length)} bytes, over the limit of {limit}"))
+
+    def _add_json(self, chunk: bytes) -> None:
+        self._buffer.append(chunk)
+        self._size += len(chunk)
+        limit = self.upstream._pool.max_body_bytes
+        if self._size > limit:
+            self.fail(
+                TooLarge(f"the upstream's answer is at least {self._size} bytes, over the limit of {limit}")
+            )
 
     def data(self, chunk: bytes) -> None:
         if self.done:
             return
         if self._mode == _JSON:
-            self._buffer += chunk
+            self._add_json(chunk)
         elif self._mode == _SSE:
             assert self._sse is not None
             try:
@@ -295,7 +321,7 @@ class _Post:
                 self.start()
                 return
             if self._mode == _JSON:
-                self._answered = self.upstream._deliver(self._buffer, self.request_id)
+                self._answered = self.upstream._deliver(b"".join(self._buffer), self.request_id)
             elif self._mode == _SSE:
                 assert self._sse is not None
                 for event in self._sse.end():
@@ -320,9 +346,11 @@ class _Post:
             conn.abort()  # a response cut short leaves the connection in an unknown state
         if self.request_id is not None and not self._answered:
             detail = str(error) or type(error).__name__
-            self.upstream._sink(
-                error_response(self.request_id, UPSTREAM_UNAVAILABLE, f"upstream unavailable: {detail}"), None
-            )
+            if isinstance(error, TooLarge):  # the upstream is there; its answer was refused
+                detail = f"{detail} (server.max_body_bytes); the answer was dropped"
+            else:
+                detail = f"upstream unavailable: {detail}"
+            self.upstream._sink(error_response(self.request_id, UPSTREAM_UNAVAILABLE, detail), None)
 
     def _finish(self) -> None:
         self.done = True

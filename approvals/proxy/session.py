@@ -8,6 +8,9 @@ on the way down. What the upstream sends is routed to the client stream it belon
   carry the request's progress token, go to the stream of the POST that made the request;
 - everything else (logging, list_changed, sampling / elicitation / roots requests) goes to the
   client's GET stream, or, while it has none, to its newest open request stream, or waits.
+
+What waits, and what a GET stream has not yet written, is bounded in bytes and count per session
+(`[server] max_backlog_bytes`): a client that does not read cannot grow the gateway.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from typing import Any
 
 from approvals.config import UpstreamSettings
 from approvals.jsonrpc import (
+    INVALID_PARAMS,
     UPSTREAM_UNAVAILABLE,
     JsonObject,
     Message,
     RequestId,
+    encode,
     error_response,
 )
 from approvals.proxy.gate import Hold
@@ -33,6 +38,31 @@ from approvals.proxy.upstream import Upstream
 log = logging.getLogger(__name__)
 
 MAX_WAITING_MESSAGES = 1000
+DEFAULT_BACKLOG_BYTES = 4 * 1024 * 1024
+
+Abort = Callable[[], None]
+Clock = Callable[[], float]
+
+
+def bad_progress_token(params: JsonObject) -> str | None:
+    """What is wrong with `params._meta.progressToken`, or None when it is absent or valid.
+
+    A token must be a string or an integer, as the MCP SDKs have it (the schema says "number";
+    the Python SDK's servers refuse a fraction). Anything else (an object, a list, a boolean,
+    null) is refused before the request is registered or judged, rather than dropped: a client
+    that asked for progress would otherwise wait for progress that never comes.
+    """
+    meta = params.get("_meta")
+    if not isinstance(meta, dict) or "progressToken" not in meta:
+        return None
+    token = meta["progressToken"]
+    if isinstance(token, str | int) and not isinstance(token, bool):
+        return None
+    return "params._meta.progressToken must be a string or an integer"
+
+
+def _size(message: JsonObject) -> int:
+    return len(encode(message))
 
 
 class Outbox:
@@ -64,6 +94,37 @@ class Outbox:
         return self._items.popleft()
 
 
+class StreamOutbox(Outbox):
+    """A GET stream's outbox: it knows how many bytes its reader has not yet taken."""
+
+    __slots__ = ("_sizes", "abort", "backlog")
+
+    def __init__(self, abort: Abort | None = None) -> None:
+        super().__init__()
+        self.abort = abort  # ends the HTTP response at once (its write may be stuck on the client)
+        self.backlog = 0
+        self._sizes: collections.deque[int] = collections.deque()
+
+    def put_nowait(self, item: JsonObject | None) -> None:
+        size = _size(item) if item is not None else 0
+        self._sizes.append(size)
+        self.backlog += size
+        super().put_nowait(item)
+
+    async def get(self) -> JsonObject | None:
+        item = await super().get()
+        self.backlog -= self._sizes.popleft()
+        return item
+
+    def take_all(self) -> list[JsonObject]:
+        """Empty the outbox: the messages not yet taken by its reader."""
+        items = [item for item in self._items if item is not None]
+        self._items.clear()
+        self._sizes.clear()
+        self.backlog = 0
+        return items
+
+
 class Exchange:
     """One request in flight upstream: where its answer and related messages go."""
 
@@ -80,21 +141,33 @@ class Exchange:
 class Session:
     """A client session: identity, its upstream connection and the messages in flight."""
 
-    def __init__(self, session_id: str, grant: str, upstream: UpstreamSettings) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        grant: str,
+        upstream: UpstreamSettings,
+        *,
+        max_backlog_bytes: int = DEFAULT_BACKLOG_BYTES,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.id = session_id
         self.grant = grant
         self.upstream_name = upstream.name
         self.protocol_version: str | None = None
-        self.initialized = False
+        self.initialized = False  # the client sent notifications/initialized
         self.closed_reason: str | None = None
-        self.last_seen = time.monotonic()
+        self._clock = clock
+        self.last_seen = clock()  # the last request, or the end of the last stream or request
+        self._had_stream = False
+        self._max_backlog = max_backlog_bytes
         self.connection: Upstream | None = None
         self._next_id = 0
         self._exchanges: dict[int, Exchange] = {}
         self._by_client_id: dict[RequestId, int] = {}
         self._by_progress: dict[object, int] = {}
-        self._streams: list[Outbox] = []
-        self._waiting: collections.deque[JsonObject] = collections.deque(maxlen=MAX_WAITING_MESSAGES)
+        self._streams: list[StreamOutbox] = []
+        self._waiting: collections.deque[tuple[JsonObject, int]] = collections.deque()
+        self.waiting_bytes = 0
         self.held: dict[RequestId, Hold] = {}  # calls waiting for a reviewer, by client request id
         self.cancelled: set[RequestId] = set()  # held calls the client cancelled
         self._background: set[asyncio.Task[None]] = set()
@@ -106,8 +179,17 @@ class Session:
     def forward_request(self, message: Message, body: JsonObject | None = None) -> Exchange:
         """Send a client request upstream under a fresh id; its answer arrives on the exchange's outbox."""
         body = dict(message.body if body is None else body)
-        meta = body.get("params", {}).get("_meta") if isinstance(body.get("params"), dict) else None
+        params = body.get("params")
+        meta = params.get("_meta") if isinstance(params, dict) else None
         token = meta.get("progressToken") if isinstance(meta, dict) else None
+        problem = bad_progress_token(params) if isinstance(params, dict) else None
+        if problem is not None:
+            # Refused before anything is registered: an exchange left behind would swallow the
+            # session's unsolicited messages (`_to_client_stream`) and never be freed.
+            exchange = Exchange(0, message.id, None)
+            exchange.outbox.put_nowait(error_response(message.id, INVALID_PARAMS, problem))
+            exchange.outbox.put_nowait(None)
+            return exchange
         exchange = self._open(message.id, token)
         body["id"] = exchange.upstream_id
         self._send(body, exchange)
@@ -124,6 +206,8 @@ class Session:
     def forward(self, message: Message) -> None:
         """Pass a client notification or response upstream, translating the ids they name."""
         body = message.body
+        if message.method == "notifications/initialized":
+            self.initialized = True
         if message.method == "notifications/cancelled":
             request_id = message.params.get("requestId")
             if isinstance(request_id, str | int) and request_id in self.held:
@@ -164,6 +248,7 @@ class Session:
     def release(self, exchange: Exchange) -> None:
         """The client stopped waiting for this exchange (answered, cancelled or disconnected)."""
         self._finish(exchange.upstream_id, None)
+        self.touch()
 
     # ---- upstream → client ---------------------------------------------------------------
 
@@ -214,19 +299,60 @@ class Session:
 
     def divert(self, message: JsonObject) -> None:
         """Send a message to the GET stream, or keep it until one opens (bounded)."""
-        if self._streams:
-            self._streams[-1].put_nowait(message)
+        if not self._streams:
+            self._keep(message, _size(message))
             return
-        if len(self._waiting) == self._waiting.maxlen:
-            log.warning("session %s: no client stream open; dropping the oldest waiting message", self.id[:8])
-        self._waiting.append(message)
+        stream = self._streams[-1]
+        stream.put_nowait(message)
+        if stream.backlog > self._max_backlog:
+            self._overflow(stream)
 
-    def open_stream(self) -> Outbox:
-        """A GET stream: gets every message that belongs to no request, starting with those waiting."""
-        outbox = Outbox()
+    def _keep(self, message: JsonObject, size: int) -> None:
+        """Keep a message for the next GET stream; the oldest go first when over the bounds."""
+        if size > self._max_backlog:
+            log.warning(
+                "session %s: dropping a %d-byte message larger than max_backlog_bytes", self.id[:8], size
+            )
+            return
+        self._waiting.append((message, size))
+        self.waiting_bytes += size
+        dropped = 0
+        while self.waiting_bytes > self._max_backlog or len(self._waiting) > MAX_WAITING_MESSAGES:
+            self.waiting_bytes -= self._waiting.popleft()[1]
+            dropped += 1
+        if dropped:
+            log.warning(
+                "session %s: no client stream reading; dropped the %d oldest waiting message(s)",
+                self.id[:8],
+                dropped,
+            )
+
+    def _overflow(self, stream: StreamOutbox) -> None:
+        """A GET stream fell too far behind: end it, keeping what it had not sent for the next one."""
+        log.warning(
+            "session %s: the client is not reading its GET stream (%d bytes behind); ending it",
+            self.id[:8],
+            stream.backlog,
+        )
+        self.close_stream(stream)
+        for message in stream.take_all():
+            self._keep(message, _size(message))
+        stream.put_nowait(None)
+        if stream.abort is not None:
+            stream.abort()
+
+    def open_stream(self, abort: Abort | None = None) -> StreamOutbox:
+        """A GET stream: gets every message that belongs to no request, starting with those waiting.
+
+        `abort` ends the HTTP response at once; it is called when the client falls more than
+        `max_backlog_bytes` behind, since the response's writer then waits on the client.
+        """
+        outbox = StreamOutbox(abort)
         while self._waiting:
-            outbox.put_nowait(self._waiting.popleft())
+            outbox.put_nowait(self._waiting.popleft()[0])
+        self.waiting_bytes = 0
         self._streams.append(outbox)
+        self._had_stream = True
         return outbox
 
     def drain(self) -> None:
@@ -235,9 +361,32 @@ class Session:
         for outbox in self._streams:
             outbox.put_nowait(None)
 
-    def close_stream(self, outbox: Outbox) -> None:
+    def close_stream(self, outbox: StreamOutbox) -> None:
         if outbox in self._streams:
             self._streams.remove(outbox)
+            self.touch()
+
+    # ---- idleness ----------------------------------------------------------------------------
+
+    def touch(self) -> None:
+        """The client did something: idle time counts from now."""
+        self.last_seen = self._clock()
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    @property
+    def busy(self) -> bool:
+        """A stream is open or a request is in flight: the client is there, however long it takes."""
+        if self._streams or self.held:
+            return True
+        return any(exchange.client_id is not None for exchange in self._exchanges.values())
+
+    @property
+    def abandoned(self) -> bool:
+        """The client seems gone: it never finished the handshake, or its GET stream closed."""
+        return not self.initialized or (self._had_stream and not self._streams)
 
     # ---- end -------------------------------------------------------------------------------
 

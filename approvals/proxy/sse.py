@@ -33,44 +33,58 @@ class Event:
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 
 
+class TooLarge(ValueError):
+    """An answer, or one event of a stream, is larger than the gateway accepts."""
+
+
 class SseDecoder:
     """Push-style SSE decoding (the WHATWG rules the MCP servers rely on): feed bytes, get events.
 
     Our own line splitting: a tool result carrying an image is one long `data:` line, longer than
-    stream readers' line limits.
+    stream readers' line limits. An event larger than `max_bytes` (counting the line it is still
+    receiving) raises TooLarge: a stream that never ends a line is not buffered for ever.
     """
 
-    __slots__ = ("_buffer", "_data", "_event", "_id")
+    __slots__ = ("_data", "_data_bytes", "_event", "_id", "_pending", "_pending_bytes", "max_bytes")
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_bytes: int = MAX_EVENT_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._pending: list[bytes] = []  # the pieces of a line not ended yet, joined once it is
+        self._pending_bytes = 0
         self._data: list[str] = []
+        self._data_bytes = 0
         self._event = "message"
         self._id: str | None = None
 
     def feed(self, chunk: bytes) -> list[Event]:
         """The events completed by `chunk`."""
-        buffer = self._buffer + chunk if self._buffer else chunk
-        if b"\n" not in chunk:
-            if len(buffer) > MAX_EVENT_BYTES:
-                raise ValueError(f"SSE line longer than {MAX_EVENT_BYTES} bytes")
-            self._buffer = buffer
-            return []
-        *complete, self._buffer = buffer.split(b"\n")
+        *complete, rest = chunk.split(b"\n")
         events: list[Event] = []
         for raw in complete:
+            if self._pending:
+                raw = b"".join([*self._pending, raw])
+                self._pending, self._pending_bytes = [], 0
             self._line(raw, events)
+        if rest:
+            self._pending.append(rest)
+            self._pending_bytes += len(rest)
+            self._check(self._pending_bytes)
         return events
+
+    def _check(self, pending: int) -> None:
+        if self._data_bytes + pending > self.max_bytes:
+            raise TooLarge(f"an event of the upstream's stream is larger than {self.max_bytes} bytes")
 
     def end(self) -> list[Event]:
         """The stream ended: the last event, if it was not terminated by a blank line."""
         events: list[Event] = []
-        if self._buffer:
-            self._line(self._buffer, events)
-            self._buffer = b""
+        if self._pending:
+            raw = b"".join(self._pending)
+            self._pending, self._pending_bytes = [], 0
+            self._line(raw, events)
         if any(self._data):
             events.append(Event(self._event, "\n".join(self._data), self._id))
-        self._data = []
+        self._data, self._data_bytes = [], 0
         return events
 
     def _line(self, raw: bytes, events: list[Event]) -> None:
@@ -79,13 +93,15 @@ class SseDecoder:
             # An event with empty data is a priming or retry event (resumability): nothing to pass on.
             if any(self._data):
                 events.append(Event(self._event, "\n".join(self._data), self._id))
-            self._data, self._event = [], "message"
+            self._data, self._data_bytes, self._event = [], 0, "message"
             return
         if line.startswith(":"):
             return
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "data":
+            self._data_bytes += len(raw)
+            self._check(0)
             self._data.append(value)
         elif name == "event":
             self._event = value
@@ -93,9 +109,11 @@ class SseDecoder:
             self._id = value
 
 
-async def read_events(content: aiohttp.StreamReader) -> AsyncIterator[Event]:
-    """Decode an SSE stream into events."""
-    decoder = SseDecoder()
+async def read_events(
+    content: aiohttp.StreamReader, max_bytes: int = MAX_EVENT_BYTES
+) -> AsyncIterator[Event]:
+    """Decode an SSE stream into events (TooLarge for one over `max_bytes`)."""
+    decoder = SseDecoder(max_bytes)
     async for chunk in content.iter_any():
         for event in decoder.feed(chunk):
             yield event

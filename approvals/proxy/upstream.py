@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -20,7 +19,7 @@ from typing import Protocol
 import aiohttp
 
 from approvals.config import UpstreamSettings
-from approvals.jsonrpc import UPSTREAM_UNAVAILABLE, JsonObject, encode, error_response
+from approvals.jsonrpc import UPSTREAM_UNAVAILABLE, JsonObject, decode_bytes, encode, error_response
 from approvals.proxy.http1 import Pool
 from approvals.proxy.http_upstream import HttpUpstream
 
@@ -98,10 +97,13 @@ class StdioUpstream:
                 if not line.strip():
                     continue
                 try:
-                    message = json.loads(line)
-                except ValueError:
+                    message = decode_bytes(line)
+                except ValueError as exc:
                     log.warning(
-                        "upstream %s wrote a line that is not JSON: %.200r", self._settings.name, line
+                        "upstream %s wrote a line that is not JSON the gateway accepts (%s): %.200r",
+                        self._settings.name,
+                        exc,
+                        line,
                     )
                     continue
                 if isinstance(message, dict):
