@@ -44,7 +44,25 @@ def _meta(approval: Approval, code: str, **extra: object) -> JsonObject:
 
 
 def pending_result(approval: Approval, now: float, url: str) -> JsonObject:
-    """The answer when the hold runs out before anyone decided."""
+    """The answer when the hold runs out before the outcome: what is true of the call right now."""
+    again = (
+        f"To get the outcome, call {approval.tool} again later with exactly the same arguments: "
+        "you then receive the tool's result or the reviewer's answer. Different arguments make a new request."
+    )
+    if approval.status == "released":
+        text = (
+            f"Approved by {approval.decided_by or 'a reviewer'}: the call to {approval.tool} was sent to the "
+            f"server (request {approval.id}) and its answer has not arrived yet. It will not be sent again. "
+            + again
+        )
+        return tool_error(text, _meta(approval, "approval_released", url=url))
+    if approval.status == "approved":
+        text = (
+            f"Approved by {approval.decided_by or 'a reviewer'}: the call to {approval.tool} (request "
+            f"{approval.id}) is about to be sent, once its rate limits allow; it has not been made yet. "
+            + again
+        )
+        return tool_error(text, _meta(approval, "approval_approved", url=url))
     left = format_duration(max(approval.expires_at - now, 0))
     text = (
         f"Approval pending: calling {approval.tool} needs a reviewer's approval (request {approval.id}, "
@@ -57,8 +75,22 @@ def pending_result(approval: Approval, now: float, url: str) -> JsonObject:
     return tool_error(text, _meta(approval, "approval_pending", url=url, expires_at=approval.expires_at))
 
 
+def upstream_timeout(approval: Approval, seconds: float) -> JsonObject:
+    """The outcome of a released call whose upstream did not answer in time (kept for the agent)."""
+    text = (
+        f"The call to {approval.tool} was approved and sent to the server, but no answer came within "
+        f"{format_duration(seconds)}. It was not sent again, so that it cannot run twice: check with the "
+        "user whether it took effect."
+    )
+    return {"result": tool_error(text, _meta(approval, "upstream_timeout", timeout_seconds=seconds))}
+
+
 def waiting_status(approval: Approval, now: float) -> str:
     """One line for progress notifications while a call is held."""
+    if approval.status == "approved":
+        return f"Approved; sending the call once its rate limits allow ({approval.id[:8]}…)"
+    if approval.status == "released":
+        return f"Approved and sent; waiting for the server's answer ({approval.id[:8]}…)"
     left = format_duration(max(approval.expires_at - now, 0))
     return f"Waiting for approval {approval.id[:8]}… — expires in {left}"
 

@@ -19,9 +19,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from approvals.channels import Channels
 from approvals.config import Principal, Settings
@@ -33,6 +33,7 @@ from approvals.outcomes import (
     limit_refusal,
     pending_result,
     too_many_pending,
+    upstream_timeout,
     waiting_status,
 )
 from approvals.policy import Decision, Limit
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 KEEP_RESULT_SECONDS = 3600.0
 KEEP_RESULT_BYTES = 1024 * 1024
 EXPIRY_RETRY_SECONDS = 1.0
-K = TypeVar("K", bound=Hashable)
 _PENDING: tuple[Status, ...] = ("pending",)
 _APPROVED: tuple[Status, ...] = ("approved",)
 LimitsFor = Callable[[str, str, Mapping[str, object]], Sequence[Limit]]
@@ -63,49 +63,32 @@ class DecisionError(Exception):
 
 @dataclass
 class _Waiters:
-    """Calls held on one approval: they all get the outcome when it comes."""
+    """Calls held on one approval: they all get the outcome when it comes, and meanwhile are told
+    its latest state (so a hold that runs out says the truth: pending, approved or sent)."""
 
+    latest: Approval
     done: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: JsonObject | None = None
-
-
-class KeyedLock(Generic[K]):
-    """One lock per key, forgotten when its last user leaves (so the map does not grow)."""
-
-    def __init__(self) -> None:
-        self._locks: dict[K, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: K) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
 
 
 class ApprovalHold:
     """One held call on an approval (the proxy's `Hold`)."""
 
-    def __init__(self, queue: ApprovalQueue, approval: Approval) -> None:
-        self.approval_id = approval.id
+    def __init__(self, queue: ApprovalQueue, waiters: _Waiters) -> None:
+        self.approval_id = waiters.latest.id
         self._queue = queue
-        self._approval = approval
+        self._waiters = waiters
 
     async def wait(self, timeout: float) -> JsonObject | None:
-        return await self._queue.wait(self.approval_id, timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._waiters.done.wait(), timeout)
+        return self._waiters.outcome
 
     def status(self, now: float) -> str:
-        return waiting_status(self._approval, now)
+        return waiting_status(self._waiters.latest, now)
 
     def pending_result(self, now: float) -> JsonObject:
-        return pending_result(self._approval, now, self._queue.url_of(self.approval_id))
+        return pending_result(self._waiters.latest, now, self._queue.url_of(self.approval_id))
 
     def delivered(self) -> None:
         self._queue.delivered(self.approval_id)
@@ -139,7 +122,6 @@ class ApprovalQueue:
         self._waiters: dict[str, _Waiters] = {}
         self._arrivals: dict[str, Reservation] = {}  # what each approval counted when it arrived
         self._release_locks: dict[str, asyncio.Lock] = {}
-        self._admit_locks: KeyedLock[tuple[str, str, str, str]] = KeyedLock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         # When the expiry task looks next (-inf while it is finding out): an admission wakes it
@@ -178,11 +160,6 @@ class ApprovalQueue:
     async def admit(self, call: ToolCall, decision: Decision) -> Admission:
         """A call whose rule requires approval: attach to its open request, or open a new one."""
         args_sha = sha256_of(call.arguments)
-        # Identical calls arriving together must find one another: look up and create as one step.
-        async with self._admit_locks.hold((call.grant, call.upstream, call.tool, args_sha)):
-            return await self._admit(call, decision, args_sha)
-
-    async def _admit(self, call: ToolCall, decision: Decision, args_sha: str) -> Admission:
         now = self.clock()
         existing = await self.store.find_reusable(
             grant=call.grant, upstream=call.upstream, tool=call.tool, args_sha256=args_sha, now=now
@@ -196,23 +173,35 @@ class ApprovalQueue:
         if isinstance(reserved, LimitRefusal):
             return Admission(answer=limit_refusal(reserved, decision))
         try:
-            return await self._open(call, decision, args_sha, reserved, now)
+            asked = await self._new_approval(call, decision, args_sha, now)
+            opened = await self.store.open_approval(
+                asked,
+                actor=call.grant,
+                channel="mcp",
+                max_pending=self.settings.approvals.max_pending_per_grant,
+            )
         except BaseException:
             self.limiter.rollback(reserved)  # no request was opened: the call must not stay counted
             raise
-
-    async def _open(
-        self, call: ToolCall, decision: Decision, args_sha: str, reserved: Reservation, now: float
-    ) -> Admission:
-        limit = self.settings.approvals.max_pending_per_grant
-        if await self.store.count_pending(call.grant) >= limit:
+        if opened is None or opened.id != asked.id:
+            # Refused, or an identical call opened the request first: this one attaches to it
+            # and is not counted again.
             self.limiter.rollback(reserved)
-            return Admission(answer=too_many_pending(limit))
+        if opened is None:
+            return Admission(answer=too_many_pending(self.settings.approvals.max_pending_per_grant))
+        if opened.id == asked.id:
+            self._arrivals[opened.id] = reserved
+            if opened.expires_at < self._expiry_due or self._expiry_due == -math.inf:
+                self._wakeup.set()
+            self.channels.announce(opened, "created")
+        return Admission(hold=self._hold(opened))
+
+    async def _new_approval(self, call: ToolCall, decision: Decision, args_sha: str, now: float) -> Approval:
         tool_json, tool_sha = fingerprint(
             await self.catalog.definition(call.upstream, call.tool, call.session)
         )
         owner = next((g.owner for g in self.settings.grants if g.name == call.grant), None)
-        approval = Approval(
+        return Approval(
             id=new_approval_id(),
             upstream=call.upstream,
             tool=call.tool,
@@ -229,25 +218,21 @@ class ApprovalQueue:
             created_at=now,
             expires_at=now + (decision.approval_timeout or self.settings.approvals.timeout),
         )
-        await self.store.create_approval(approval, actor=call.grant, channel="mcp")
-        self._arrivals[approval.id] = reserved
-        if approval.expires_at < self._expiry_due or self._expiry_due == -math.inf:
-            self._wakeup.set()
-        self.channels.announce(approval, "created")
-        return Admission(hold=self._hold(approval))
 
     def _hold(self, approval: Approval) -> ApprovalHold:
-        waiters = self._waiters.setdefault(approval.id, _Waiters())
+        waiters = self._waiters.get(approval.id)
+        if waiters is None:
+            waiters = self._waiters[approval.id] = _Waiters(approval)
         if approval.status in FINAL and waiters.outcome is None:
             waiters.outcome = final_outcome(approval)
             waiters.done.set()
-        return ApprovalHold(self, approval)
+            del self._waiters[approval.id]  # nothing is left to wait for: the map must not grow
+        return ApprovalHold(self, waiters)
 
-    async def wait(self, approval_id: str, timeout: float) -> JsonObject | None:
-        waiters = self._waiters.setdefault(approval_id, _Waiters())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiters.done.wait(), timeout)
-        return waiters.outcome
+    def _seen(self, approval: Approval) -> None:
+        """Tell the calls held on this approval its new state (for their progress and pending text)."""
+        if (waiters := self._waiters.get(approval.id)) is not None:
+            waiters.latest = approval
 
     def delivered(self, approval_id: str) -> None:
         self._spawn(self.store.update_fields(approval_id, result_delivered=True))
@@ -283,6 +268,7 @@ class ApprovalQueue:
             assert current is not None
             by = f" by {current.decided_by}" if current.decided_by else ""
             raise DecisionError(409, f"already {current.status}{by}", current)
+        self._seen(decided)
         if approve:
             self.channels.announce(decided, "updated")
             self._spawn(self._release(decided, self.catalog.mark()))
@@ -328,10 +314,20 @@ class ApprovalQueue:
         if released is None:
             self.limiter.rollback(reservation)
             return  # expired while waiting, or another replica released it: never twice
+        self._seen(released)
         params = {"name": approval.tool, "arguments": arguments}
-        response = await self.upstreams.call(
-            approval.upstream, "tools/call", params, prefer_session=approval.session_id
-        )
+        timeout = self.settings.upstreams[approval.upstream].call_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self.upstreams.call(
+                    approval.upstream, "tools/call", params, prefer_session=approval.session_id
+                )
+        except TimeoutError:
+            # Sent, and maybe run: never sent again, and its counts stand.
+            await self._finish(
+                released, "released", "failed", reason="timeout", response=upstream_timeout(approval, timeout)
+            )
+            return
         failed = "error" in response
         if failed:
             self.limiter.rollback(reservation)
@@ -394,6 +390,7 @@ class ApprovalQueue:
             decided_via=None,
         )
         if back is not None:
+            self._seen(back)
             log.warning("approval %s back to pending: %s", approval.id, note)
             self.channels.announce(back, "created")
 
@@ -437,9 +434,11 @@ class ApprovalQueue:
                     result_json=encode_outcome(outcome),
                     result_expires_at=self.clock() + KEEP_RESULT_SECONDS,
                 )
-        waiters = self._waiters.setdefault(approval.id, _Waiters())
-        waiters.outcome = outcome
-        waiters.done.set()
+        # Holds keep their own reference: the entry goes, so that the map does not grow.
+        if (waiters := self._waiters.pop(approval.id, None)) is not None:
+            waiters.latest = approval
+            waiters.outcome = outcome
+            waiters.done.set()
         self._arrivals.pop(approval.id, None)
         self.channels.announce(approval, "updated")
 

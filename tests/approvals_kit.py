@@ -92,14 +92,23 @@ async def start_held(
     policy: dict[str, Any] | None = None,
     command: list[str] = DEMO_COMMAND,
     approvals: dict[str, Any] | None = None,
+    upstream: dict[str, Any] | None = None,
     **gatekeeper: Any,
 ) -> Held:
-    """The gateway on the demo upstream (or `command`) with `policy`, and a recorder on its queue."""
+    """The gateway on the demo upstream (or `command`) with `policy`, and a recorder on its queue.
+
+    `approvals` adds to the [approvals] table, `upstream` to the upstream's own table.
+    """
     outbox = tmp_path / "outbox.jsonl"
     (tmp_path / "policy.json").write_text(json.dumps(policy or HELD_POLICY))
     env = {**os.environ, "APPROVALS_DEMO_OUTBOX": str(outbox)}
     upstreams = {
-        "demo": {"command": command, "policy": "policy.json", "env": {"APPROVALS_DEMO_OUTBOX": str(outbox)}}
+        "demo": {
+            "command": command,
+            "policy": "policy.json",
+            "env": {"APPROVALS_DEMO_OUTBOX": str(outbox)},
+            **(upstream or {}),
+        }
     }
     extra = {"approvals": {"hold_seconds": 10, **(approvals or {})}}
     gate = Gatekeeper(settings_for(tmp_path, upstreams, env, **extra), **gatekeeper)

@@ -82,6 +82,18 @@ class ApprovalStore(Protocol):
         """
         ...
 
+    async def open_approval(
+        self, approval: Approval, *, actor: str, channel: str, max_pending: int
+    ) -> Approval | None:
+        """Open a request for a held call, atomically with respect to every other caller.
+
+        If a record that :meth:`find_reusable` would return (at ``approval.created_at``) exists for
+        the same request, return it and insert nothing. Else, if the grant already has
+        ``max_pending`` pending records, return None. Else insert as :meth:`create_approval` does
+        and return ``approval``.
+        """
+        ...
+
     async def get_approval(self, approval_id: str) -> Approval | None:
         """The record with this id, or None."""
         ...

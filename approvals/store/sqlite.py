@@ -134,11 +134,46 @@ class SqliteStore:
 
     async def create_approval(self, approval: Approval, *, actor: str, channel: str) -> None:
         """Insert a new pending record and its "created" audit event in one durable transaction."""
+        insert = self._inserter(approval, actor=actor, channel=channel)
+        await self._write("create an approval", insert, durable=True)
+
+    async def open_approval(
+        self, approval: Approval, *, actor: str, channel: str, max_pending: int
+    ) -> Approval | None:
+        """The open request for this call, a new one, or None past ``max_pending`` — as one job.
+
+        One job on the store's thread, so no other write comes between the look-up, the count and
+        the insert: identical calls arriving together make one request, and a grant never holds
+        more than ``max_pending`` pending ones.
+        """
+        insert = self._inserter(approval, actor=actor, channel=channel)
+
+        def open_(conn: sqlite3.Connection) -> Approval | None:
+            existing = q.find_reusable(
+                conn,
+                grant=approval.grant,
+                upstream=approval.upstream,
+                tool=approval.tool,
+                args_sha256=approval.args_sha256,
+                now=approval.created_at,
+            )
+            if existing is not None:
+                return existing
+            if q.count_pending(conn, approval.grant) >= max_pending:
+                return None
+            insert(conn)
+            return approval
+
+        return await self._write("open an approval", open_, durable=True)
+
+    def _inserter(
+        self, approval: Approval, *, actor: str, channel: str
+    ) -> Callable[[sqlite3.Connection], None]:
         if approval.status != "pending" or approval.version != 0:
             raise ValueError(f"a new approval must be pending at version 0, not {approval.status!r}")
         at = self._clock()
 
-        def create(conn: sqlite3.Connection) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
             q.insert_approval(conn, approval)
             q.insert_audit(
                 conn,
@@ -151,7 +186,7 @@ class SqliteStore:
                 detail=None,
             )
 
-        await self._write("create an approval", create, durable=True)
+        return insert
 
     async def get_approval(self, approval_id: str) -> Approval | None:
         """The record with this id, or None."""
