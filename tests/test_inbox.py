@@ -89,7 +89,9 @@ async def add_approval(held: Held, **fields: Any) -> Approval:
     record.update(fields)
     approval = Approval(**record)
     assert held.gate.queue is not None
-    await held.gate.queue.store.create_approval(approval, actor=approval.grant, channel="mcp")
+    created = await held.gate.queue.store.create_approval(approval, actor=approval.grant, channel="mcp")
+    # The store may attach an identical open request instead: give each record its own arguments.
+    assert created in (None, approval), "an identical request is already open"
     return approval
 
 
@@ -758,3 +760,184 @@ async def test_login_link_command_prints_a_link_the_gateway_accepts(
         )
         assert done.status == 303
         assert (await reviewer.get("/inbox")).status == 200
+
+
+# ---- issue 11: deep arguments, wording, results, live history, sorting, export filters ----------
+
+
+def nested(depth: int, leaf: Any) -> Any:
+    """`leaf` inside `depth` levels of alternating objects and arrays."""
+    value = leaf
+    for level in range(depth):
+        value = {"level": value} if level % 2 else [value]
+    return value
+
+
+async def test_deeply_nested_arguments_can_be_reviewed(held: Held, reviewers: Callable[[], Reviewer]) -> None:
+    """Arguments 600 levels deep (and deeper than json.loads manages) render, search and export: no 500."""
+    deep = await add_approval(held, arguments={"payload": nested(600, "the-deep-value\u202e")})
+    text = "[" * 5000 + '"past-the-parser"' + "]" * 5000
+    deeper = await add_approval(held, arguments={}, arguments_json=text, args_sha256="0" * 64)
+    reviewer = await bob(reviewers)
+    page = await reviewer.get(f"/inbox/approvals/{deep.id}")
+    assert page.status == 200
+    assert "the-deep-value" in page.text
+    assert "contain 1 invisible" in page.text  # hidden characters are counted at any depth
+    assert '<pre class="json-deep">' in page.text  # past the tree's depth: indented JSON text
+    page = await reviewer.get(f"/inbox/approvals/{deeper.id}")
+    assert page.status == 200
+    assert "past-the-parser" in page.text
+    assert (await reviewer.get("/inbox")).status == 200
+    await settle(held, deep, ("expired", {"reason": "no decision"}))
+    await settle(held, deeper, ("expired", {"reason": "no decision"}))
+    found = await reviewer.get("/inbox/history?q=the-deep-value")
+    assert found.status == 200
+    assert re.findall(r'<tr data-id="([0-9a-f]{32})">', found.text) == [deep.id]
+    exported = await reviewer.get("/inbox/history.json?q=the-deep-value")
+    assert exported.status == 200
+    assert json.loads(exported.text)["approvals"][0]["id"] == deep.id
+    everything = json.loads((await reviewer.get("/inbox/history.json")).text)["approvals"]
+    assert {a["id"]: a["arguments"] for a in everything}[deeper.id] == text
+
+
+def args_note(page: str) -> str:
+    found = re.search(r'data-field="args-note">([^<]*)<', page)
+    assert found is not None
+    return found.group(1)
+
+
+async def test_argument_wording_fits_the_state(held: Held, reviewers: Callable[[], Reviewer]) -> None:
+    """Pending: sent if you approve; approved: being sent; released/completed: were sent; else not sent."""
+    now = held.gate.clock()
+    approved = {"decided_by": "bob", "decided_at": now, "decided_via": "web"}
+    cases: dict[str, list[tuple[str, dict[str, Any]]]] = {
+        "pending": [],
+        "approved": [("approved", approved)],
+        "released": [("approved", approved), ("released", {})],
+        "completed": [("approved", approved), ("released", {}), ("completed", {})],
+        "denied": [("denied", {**approved, "reason": "no"})],
+        "expired": [("expired", {})],
+        "cancelled": [("cancelled", {})],
+    }
+    reviewer = await bob(reviewers)
+    notes = {}
+    for status, path in cases.items():
+        approval = await add_approval(held, arguments={"case": status})
+        await settle(held, approval, *path)
+        page = await reviewer.get(f"/inbox/approvals/{approval.id}")
+        assert page.status == 200
+        notes[status] = args_note(page.text)
+    assert notes["pending"] == "exactly these arguments are sent if you approve."
+    assert notes["approved"] == "exactly these arguments were approved and are being sent."
+    assert notes["released"] == notes["completed"] == "exactly these arguments were sent."
+    assert notes["denied"] == notes["expired"] == notes["cancelled"] == "these arguments were not sent."
+
+
+async def completed(held: Held, result_json: str | None, **fields: Any) -> Approval:
+    """A store-made record approved, released and completed with `result_json` kept (or not)."""
+    approval = await add_approval(held, arguments={"result": result_json, **fields})
+    now = held.gate.clock()
+    approved = {"decided_by": "bob", "decided_at": now, "decided_via": "web"}
+    done = {"result_json": result_json, "finished_at": now, **fields}
+    await settle(held, approval, ("approved", approved), ("released", {}), ("completed", done))
+    return approval
+
+
+def result_panel(page: str) -> str:
+    found = re.search(r"<section class=\"card\" data-result>(.*?)</section>", page, re.S)
+    assert found is not None, "no result panel shown"
+    return found.group(1)
+
+
+async def test_detail_page_shows_the_kept_result_escaped_and_bounded(
+    held: Held, reviewers: Callable[[], Reviewer]
+) -> None:
+    """The kept result is shown as text (escaped), cut with a note past its bound; a dropped one is said."""
+    from approvals.web.inbox_format import RESULT_CHARS
+
+    def kept(text: str) -> str:
+        content = [{"type": "text", "text": text}]
+        return json.dumps({"jsonrpc": "2.0", "result": {"content": content, "isError": False}})
+
+    now = held.gate.clock()
+    small = await completed(held, kept("<script>alert(1)</script> sent"), result_expires_at=now + 3600)
+    big = await completed(held, kept("x" * (RESULT_CHARS * 2) + "THE-END"), result_expires_at=now + 3600)
+    gone = await completed(held, None, result_expires_at=now - 1, note="result expired")
+    reviewer = await bob(reviewers)
+    panel = result_panel((await reviewer.get(f"/inbox/approvals/{small.id}")).text)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; sent" in panel
+    assert "<script>" not in panel
+    panel = result_panel((await reviewer.get(f"/inbox/approvals/{big.id}")).text)
+    assert f"Showing the first {RESULT_CHARS:,} of" in panel
+    assert "THE-END" not in panel
+    assert len(panel) < RESULT_CHARS + 2000
+    panel = result_panel((await reviewer.get(f"/inbox/approvals/{gone.id}")).text)
+    assert "no longer kept (result expired)" in panel
+
+
+async def test_a_detail_pages_live_event_carries_its_history_and_result(
+    held: Held, reviewers: Callable[[], Reviewer]
+) -> None:
+    """/inbox/events?id=: the event that changes the badge also carries the history, wording and result."""
+    reviewer = await bob(reviewers)
+    async with mcp_client(held.url()) as client:
+        call = asyncio.create_task(client.call_tool("send_email", EMAIL))
+        pending = await held.recorder.status("pending")
+        url = f"{held.gateway.base}/inbox/events?id={pending.id}"
+        async with reviewer.http.get(url) as stream:
+            name, snapshot = await read_event(stream)
+            assert name == "snapshot"
+            assert [e["event"] for e in snapshot["items"][0]["timeline"]] == ["created"]
+            status, _ = await held.api("POST", f"/api/approvals/{pending.id}/approve", body={})
+            assert status == 200
+            seen: list[dict[str, Any]] = []
+            while not seen or seen[-1]["status"] != "completed":
+                name, item = await read_event(stream)
+                seen.append(item)
+        await asyncio.wait_for(call, WAIT)
+    for item in seen:  # every event's panels agree with its badge
+        events = [e["event"] for e in item["timeline"]]
+        assert item["status"] in events, (item["status"], events)
+    final = seen[-1]
+    assert final["args_note"] == "exactly these arguments were sent."
+    assert final["decision"] == "Approved by bob via api"
+    assert final["result"]["state"] == "shown"
+    assert "queued message" in final["result"]["text"]
+
+
+async def test_history_is_sorted_by_its_decided_column(held: Held, reviewers: Callable[[], Reviewer]) -> None:
+    """Newest decision first, whatever order the requests were made in; expired ones by when they ended."""
+    now = held.gate.clock()
+    asked_first = await add_approval(held, created_at=now - 300, arguments={"n": 1})
+    asked_second = await add_approval(held, created_at=now - 200, arguments={"n": 2})
+    asked_third = await add_approval(held, created_at=now - 100, arguments={"n": 3})
+    await settle(held, asked_first, ("denied", {"decided_by": "bob", "decided_at": now - 10, "reason": "no"}))
+    await settle(held, asked_second, ("expired", {"finished_at": now - 50}))
+    await settle(held, asked_third, ("denied", {"decided_by": "bob", "decided_at": now - 90, "reason": "no"}))
+    reviewer = await bob(reviewers)
+    page = await reviewer.get("/inbox/history")
+    order = re.findall(r'<tr data-id="([0-9a-f]{32})">', page.text)
+    assert order == [asked_first.id, asked_second.id, asked_third.id]
+    exported = json.loads((await reviewer.get("/inbox/history.json")).text)
+    assert [a["id"] for a in exported["approvals"]] == order
+
+
+async def test_history_exports_accept_decision_and_refuse_unknown_values(
+    held: Held, reviewers: Callable[[], Reviewer]
+) -> None:
+    """`decision=` filters as `status=` does (page, CSV, JSON); unknown values: a 400 naming the allowed."""
+    made = await history_fixture(held)
+    reviewer = await bob(reviewers)
+    rows = list(csv.DictReader(io.StringIO((await reviewer.get("/inbox/history.csv?decision=denied")).text)))
+    assert [row["id"] for row in rows] == [made["denied"].id]
+    as_json = json.loads((await reviewer.get("/inbox/history.json?decision=expired")).text)
+    assert [a["id"] for a in as_json["approvals"]] == [made["expired"].id]
+    assert as_json["filters"] == {"status": "expired"}
+    page = await reviewer.get("/inbox/history?decision=denied")
+    assert re.findall(r'<tr data-id="([0-9a-f]{32})">', page.text) == [made["denied"].id]
+    assert len(json.loads((await reviewer.get("/inbox/history.json?status=all")).text)["approvals"]) == 5
+    for path in ("/inbox/history.csv", "/inbox/history.json", "/inbox/history"):
+        for query in ("decision=bogus", "status=denied&decision=expired", "status=pending"):
+            refused = await reviewer.get(f"{path}?{query}")
+            assert refused.status == 400, (path, query)
+        assert all(name in refused.text for name in ("approved", "completed", "failed", "denied", "expired"))

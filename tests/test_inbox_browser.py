@@ -24,7 +24,7 @@ from approvals.store.records import Approval
 from tests.approvals_kit import Held, start_held
 from tests.conftest import BOB_TOKEN, WAIT, StartGateway, mcp_client
 from tests.inbox_kit import SECURITY_HEADERS
-from tests.test_inbox import EMAIL, add_approval, status_of
+from tests.test_inbox import EMAIL, add_approval, settle, status_of
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -382,3 +382,80 @@ async def test_screenshots_of_the_list_and_the_detail_page(
             shutil.copy(tmp_path / name, Path(target) / name)
     for tab_ in (tab, alice, phone):
         tab_.assert_clean()
+
+
+# ---- issue 11: live history and result panels, the history table's wrapping -----------------------
+
+
+async def test_every_panel_follows_the_live_badge_and_the_result_is_shown(
+    browser: Browser, held: Held, tmp_path: Path
+) -> None:
+    """Approved elsewhere: badge, history, wording and the tool's result all update without a reload."""
+    tab = await watch(browser, held.gateway.base, viewport={"width": 1200, "height": 900})
+    await tab.login()
+    async with mcp_client(held.url()) as client:
+        call = asyncio.create_task(client.call_tool("send_email", EMAIL))
+        approval = await pending(held)
+        await tab.page.goto(f"{held.gateway.base}/inbox/approvals/{approval.id}")
+        await expect(tab.page.locator("[data-result]")).to_be_hidden()
+        await tab.page.evaluate("window.__sameDocument = true")
+        status, _ = await held.api("POST", f"/api/approvals/{approval.id}/approve", body={})
+        assert status == 200
+        await asyncio.wait_for(call, WAIT)
+    page = tab.page
+    await expect(page.locator('.detail-head [data-field="status"]')).to_have_text("completed")
+    timeline = page.locator(".timeline .ev")
+    await expect(timeline).to_have_text(["created", "approved", "released", "completed"])
+    await expect(page.locator('[data-field="args-note"]')).to_have_text("exactly these arguments were sent.")
+    await expect(page.locator('[data-result] [data-field="result-text"]')).to_contain_text("queued message")
+    await expect(page.locator('[data-field="decision"]')).to_have_text("Approved by bob via api")
+    assert await page.evaluate("window.__sameDocument") is True  # never reloaded
+    await page.reload()
+    await expect(timeline).to_have_text(["created", "approved", "released", "completed"])
+    await expect(page.locator('[data-result] [data-field="result-text"]')).to_contain_text("queued message")
+    await page.mouse.move(0, 0)
+    await page.screenshot(path=tmp_path / "inbox-result.png", animations="disabled")
+    if target := os.environ.get("APPROVALS_SCREENSHOTS"):
+        shutil.copy(tmp_path / "inbox-result.png", Path(target) / "inbox-result.png")
+    tab.assert_clean()
+
+
+SPLIT_WORDS = """() => {
+  const split = [];
+  for (const cell of document.querySelectorAll("table.history td")) {
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const word of node.data.matchAll(/\\S+/g)) {
+        const range = document.createRange();
+        range.setStart(node, word.index);
+        range.setEnd(node, word.index + word[0].length);
+        const lines = new Set(Array.from(range.getClientRects(), (r) => Math.round(r.top)));
+        if (lines.size > 1) split.push(word[0]);
+      }
+    }
+  }
+  return split;
+}"""
+
+
+@pytest.mark.parametrize("width", [1280, 1024, 880])
+async def test_history_cells_never_break_a_word(browser: Browser, held: Held, width: int) -> None:
+    """The history table wraps Outcome (and every cell) between words, never inside one."""
+    now = held.gate.clock()
+    approved = {"decided_by": "bob", "decided_at": now, "decided_via": "web"}
+    kept = '{"jsonrpc":"2.0","result":{"content":[],"isError":true}}'
+    for n in range(3):
+        arguments = {"to": f"everyone-{n}@example.com", "subject": "Quarterly numbers " * 5}
+        approval = await add_approval(held, arguments=arguments)
+        await settle(
+            held, approval, ("approved", approved), ("released", {}), ("completed", {"result_json": kept})
+        )
+    reason = "this needs a second look from finance before anything is sent to the whole company"
+    denied = await add_approval(held, arguments={"to": "all@example.com"})
+    await settle(held, denied, ("denied", {**approved, "reason": reason}))
+    tab = await watch(browser, held.gateway.base, viewport={"width": width, "height": 900})
+    await tab.login()
+    await tab.page.goto(f"{held.gateway.base}/inbox/history")
+    await expect(tab.page.locator("table.history")).to_contain_text("the tool reported an error")
+    assert await tab.page.evaluate(SPLIT_WORDS) == []
+    tab.assert_clean()

@@ -49,8 +49,8 @@ def templates() -> jinja2.Environment:
         iso=fmt.iso,
         iso_machine=fmt.iso_machine,
         pretty_json=fmt.pretty_json,
+        json_tokens=fmt.json_tokens,
     )
-    env.globals["max_depth"] = fmt.MAX_DEPTH
     return env
 
 

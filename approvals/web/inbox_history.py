@@ -3,6 +3,10 @@
     /inbox/history?status=&upstream=&tool=&agent=&reviewer=&q=&page=
     /inbox/history.csv, /inbox/history.json   the same filters, every match
 
+Newest decision first (by the Decided column: decided, else finished, else asked). `decision=` is
+the same filter as `status=` (the page labels it "Decision"); an unknown value is a 400 naming the
+allowed ones, not silently every record.
+
 The store filters by status, upstream, tool and agent; the reviewer filter and the text search
 (tool, agent, reviewer, reason, and any key or string in the arguments) run here over the newest
 SCAN_LIMIT records.
@@ -11,8 +15,8 @@ SCAN_LIMIT records.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +42,7 @@ STATUS_FILTERS: dict[str, tuple[Status, ...]] = {
     "expired": ("expired",),
     "cancelled": ("cancelled",),
 }
+ANY = ("all", "any")  # no status filter, as the CLI's --status all
 DECIDED: frozenset[str] = frozenset(s for group in STATUS_FILTERS.values() for s in group)
 CSV_COLUMNS = (
     "id",
@@ -58,6 +63,10 @@ CSV_COLUMNS = (
 )
 
 
+class BadSearch(ValueError):
+    """A history query the inbox cannot honour (said in the 400's text)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Search:
     status: str | None
@@ -72,9 +81,8 @@ class Search:
         def get(name: str) -> str | None:
             return (query.get(name) or "").strip() or None
 
-        status = get("status")
         return cls(
-            status=status if status in STATUS_FILTERS else None,
+            status=_status(get("status"), get("decision")),
             upstream=get("upstream"),
             tool=get("tool"),
             agent=get("agent"),
@@ -83,6 +91,7 @@ class Search:
         )
 
     def query(self) -> dict[str, str]:
+        """The canonical query string (status=, never decision=) for page links and exports."""
         pairs = {
             "status": self.status,
             "upstream": self.upstream,
@@ -107,8 +116,29 @@ class Search:
         return any(needle in s.casefold() for s in fmt.walk_strings(fmt.arguments(approval)))
 
 
+def _status(status: str | None, decision: str | None) -> str | None:
+    """The one status filter asked for, by either name; raises BadSearch naming what is allowed."""
+    if status and decision and status != decision:
+        raise BadSearch(f"status={status} and decision={decision} disagree: give one of them")
+    given = status or decision
+    if given is None or given in ANY:
+        return None
+    if given not in STATUS_FILTERS:
+        name = "status" if status else "decision"
+        allowed = ", ".join((*STATUS_FILTERS, ANY[0]))
+        raise BadSearch(f"{name} must be one of {allowed} (got {given!r})")
+    return given
+
+
+def decided_key(approval: Approval) -> tuple[float, float]:
+    """Sort key of the Decided column: when it was decided, else finished (expired), else asked."""
+    shown = approval.decided_at or approval.finished_at or approval.created_at
+    return (shown, approval.created_at)
+
+
 async def find(inbox: Inbox, search: Search) -> tuple[list[Approval], bool]:
-    """Every decided approval matching `search`, newest first; True when the scan limit was reached."""
+    """Every decided approval matching `search`, newest decision first; True when the scan limit
+    was reached (the scan runs over the newest records by creation)."""
     statuses = STATUS_FILTERS[search.status] if search.status else ()
     exact = statuses[0] if len(statuses) == 1 else None
     found: list[Approval] = []
@@ -124,9 +154,13 @@ async def find(inbox: Inbox, search: Search) -> tuple[list[Approval], bool]:
         )
         found.extend(a for a in batch if search.matches(a))
         if len(batch) < BATCH:
-            return found, False
+            return _by_decided(found), False
         offset += BATCH
-    return found, True
+    return _by_decided(found), True
+
+
+def _by_decided(found: list[Approval]) -> list[Approval]:
+    return sorted(found, key=decided_key, reverse=True)
 
 
 def decision(approval: Approval) -> str:
@@ -136,7 +170,10 @@ def decision(approval: Approval) -> str:
 
 
 async def _history(request: web.Request, inbox: Inbox, session: Session, form: Form) -> web.StreamResponse:
-    search = Search.of(request.query)
+    try:
+        search = Search.of(request.query)
+    except BadSearch as exc:
+        return inbox.error(request, 400, "Bad search", str(exc))
     found, truncated = await find(inbox, search)
     try:
         page = max(int(request.query.get("page", "1")), 1)
@@ -202,6 +239,24 @@ def _row(approval: Approval) -> list[str]:
     return [fmt.csv_cell(values[column]) for column in CSV_COLUMNS]
 
 
+def _exported(approval: Approval) -> dict[str, Any]:
+    """approval_json, or for arguments nested deeper than json.loads manages (stored before the
+    gateway bounded nesting) the record with its arguments as the JSON text received."""
+    try:
+        return approval_json(approval)
+    except RecursionError:
+        record = approval_json(dataclasses.replace(approval, arguments_json="null"))
+        return {**record, "arguments": approval.arguments_json, "arguments_as_text": True}
+
+
+def _export_search(request: web.Request) -> Search:
+    """The export's search; a bad one is a plain-text 400 (an export is a file, not a page)."""
+    try:
+        return Search.of(request.query)
+    except BadSearch as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+
+
 def _attachment(name: str) -> dict[str, str]:
     return {"Content-Disposition": f'attachment; filename="{name}"'}
 
@@ -209,7 +264,7 @@ def _attachment(name: str) -> dict[str, str]:
 async def _history_csv(
     request: web.Request, inbox: Inbox, session: Session, form: Form
 ) -> web.StreamResponse:
-    found, _ = await find(inbox, Search.of(request.query))
+    found, _ = await find(inbox, _export_search(request))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
@@ -225,16 +280,17 @@ async def _history_csv(
 async def _history_json(
     request: web.Request, inbox: Inbox, session: Session, form: Form
 ) -> web.StreamResponse:
-    search = Search.of(request.query)
+    search = _export_search(request)
     found, truncated = await find(inbox, search)
     body: dict[str, Any] = {
         "filters": search.query(),
         "truncated": truncated,
-        "approvals": [{**approval_json(a), "outcome": fmt.outcome(a)} for a in found],
+        "approvals": [{**_exported(a), "outcome": fmt.outcome(a)} for a in found],
     }
     # ensure_ascii: a lone surrogate in the arguments stays valid JSON (as \\ud800).
+    # json_chunks, not json.dumps: arguments nested hundreds deep must export, not overflow the stack.
     return web.Response(
-        text=json.dumps(body, ensure_ascii=True, indent=1),
+        text="".join(fmt.json_chunks(body, indent=1, ensure_ascii=True)),
         content_type="application/json",
         headers=_attachment("approvals-history.json"),
     )

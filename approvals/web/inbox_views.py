@@ -114,7 +114,7 @@ def reviewer_only(view: View) -> Handler:
                 return inbox.error(
                     request, 403, "Refused", "This request did not come from the inbox's own pages."
                 )
-            form = await request.post()
+            form = await auth.read_form(request)
             token = form.get("csrf")
             if not inbox.auth.csrf_ok(session, token if isinstance(token, str) else None):
                 return inbox.error(
@@ -224,17 +224,21 @@ async def _events(request: web.Request, inbox: Inbox, session: Session, form: Fo
     if approval_id := request.query.get("id"):
         filters = Filters(approval_id=approval_id)
 
+    async def item(approval: Approval) -> dict[str, Any]:
+        # One approval's page gets all it shows in each event, so every panel moves together.
+        if filters.approval_id is not None:
+            return await detail_item(inbox, approval)
+        return list_item(approval, inbox.now())
+
     async def snapshot() -> dict[str, Any]:
         now = inbox.now()
         if filters.approval_id is not None:
             one = await inbox.store.get_approval(filters.approval_id)
-            return {"items": [list_item(one, now)] if one else [], "count": 1 if one else 0}
+            return {"items": [await item(one)] if one else [], "count": 1 if one else 0}
         approvals, count = await _pending(inbox, filters)
         return {"items": [list_item(a, now) for a in approvals], "count": count}
 
-    return await inbox.feed.stream(
-        request, filters, snapshot, lambda a: list_item(a, inbox.now()), security_headers(request)
-    )
+    return await inbox.feed.stream(request, filters, snapshot, item, security_headers(request))
 
 
 events = reviewer_only(_events)
@@ -262,6 +266,19 @@ async def _note_view(inbox: Inbox, approval: Approval, session: Session) -> None
     )
 
 
+async def detail_item(inbox: Inbox, approval: Approval) -> dict[str, Any]:
+    """What the detail page shows that changes as the approval moves (its page and its live events)."""
+    events = await inbox.store.audit_events(approval_id=approval.id, limit=1000)
+    return {
+        **list_item(approval, inbox.now()),
+        "decision": fmt.decision_text(approval),
+        "reason": fmt.visible(approval.reason or ""),
+        "args_note": fmt.args_note(approval.status),
+        "result": fmt.result_view(approval),
+        "timeline": fmt.timeline(events),
+    }
+
+
 async def _detail_page(
     request: web.Request,
     inbox: Inbox,
@@ -278,27 +295,22 @@ async def _detail_page(
     for event in events:
         if event.event == "viewed" and event.actor != session.reviewer.name:
             viewers[event.actor] = event.at
-    now = inbox.now()
     title, description, schema = fmt.tool_definition(approval)
     args = fmt.arguments(approval)
-    result = fmt.result_value(approval)
     return inbox.render(
         request,
         "detail.html",
         status,
         a=approval,
-        item=list_item(approval, now),
+        item=await detail_item(inbox, approval),
         arguments=args,
         hidden=fmt.count_hidden(args),
         tool_title=title,
         description=description,
         schema=fmt.pretty_json(schema) if schema is not None else "",
-        history=[e for e in events if e.event != "viewed"],
         viewers=sorted(viewers.items(), key=lambda kv: -kv[1]),
         own_agent=approval.owner == session.reviewer.name,
         done=_done(done, approval, session),
-        result=result,
-        has_result=result is not None,
         error=error,
         reason=reason,
         live_url=f"/inbox/events?{urlencode({'id': approval.id})}",

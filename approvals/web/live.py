@@ -97,7 +97,7 @@ class LiveFeed:
         request: web.Request,
         filters: Filters,
         snapshot: Callable[[], Awaitable[dict[str, Any]]],
-        item: Callable[[Approval], dict[str, Any]],
+        item: Callable[[Approval], Awaitable[dict[str, Any]]],
         headers: dict[str, str],
     ) -> web.StreamResponse:
         """Serve one page's event stream until it leaves or the server stops."""
@@ -125,7 +125,7 @@ class LiveFeed:
                     if event is None:
                         break
                     change, approval = event
-                    await _send(response, change, item(approval))
+                    await _send(response, change, await item(approval))
             except ConnectionResetError:
                 pass  # the page went away
         return response

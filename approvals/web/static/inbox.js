@@ -68,6 +68,12 @@
     return el;
   }
 
+  // Set a field's text and hide it when there is none.
+  function setShown(root, field, value) {
+    var el = setText(root, field, value);
+    if (el) el.hidden = !value;
+  }
+
   // ---- the pending list -----------------------------------------------------------------------
 
   function pendingPage() {
@@ -166,16 +172,24 @@
     var dialog = document.getElementById("confirm-approve");
     var reason = document.getElementById("reason");
 
+    // Each event carries everything below (badge, decision, result, history): all of it is
+    // updated from the same event, never one panel ahead of another. Older versions are ignored
+    // (the snapshot may already be newer than an event queued before it).
     connect(function (kind, data) {
       var items = kind === "snapshot" ? data.items : [data];
       items.forEach(function (item) {
-        if (item.status === body.getAttribute("data-status") && kind === "snapshot") return;
+        var shown = parseInt(body.getAttribute("data-version") || "0", 10);
+        if (item.version < shown) return;
+        body.setAttribute("data-version", String(item.version));
         body.setAttribute("data-status", item.status);
         var badge = document.querySelector('.detail-head [data-field="status"]');
         if (badge) {
           badge.textContent = item.status;
           badge.className = "badge badge-" + item.status;
         }
+        setText(document, "args-note", item.args_note);
+        showResult(item.result);
+        showTimeline(item.timeline);
         if (item.status === "pending") return;
         var decide = document.querySelector("[data-decide]");
         if (decide) decide.hidden = true;
@@ -184,14 +198,54 @@
         var note = document.querySelector("[data-decided-note]");
         if (note) {
           note.hidden = false;
-          var approved = ["approved", "released", "completed", "failed"].indexOf(item.status) >= 0;
-          setText(note, "decision", item.decided_by
-            ? (approved ? "Approved" : "Denied") + " by " + item.decided_by
-            : item.status.charAt(0).toUpperCase() + item.status.slice(1));
+          setText(note, "decision", item.decision);
+          setShown(note, "reason", item.reason);
           setText(note, "outcome", item.outcome);
         }
       });
     });
+
+    function showResult(result) {
+      var panel = document.querySelector("[data-result]");
+      if (!panel || !result) return;
+      panel.hidden = result.state === "none";
+      setShown(panel, "result-note", result.note);
+      setShown(panel, "result-text", result.text);
+    }
+
+    function showTimeline(events) {
+      var list = document.querySelector("[data-timeline]");
+      if (!list || !events) return;
+      var entries = events.map(function (e) {
+        var li = document.createElement("li");
+        var name = document.createElement("span");
+        name.className = "ev ev-" + e.event;
+        name.textContent = e.event;
+        li.appendChild(name);
+        li.appendChild(document.createTextNode(" by " + e.actor));
+        if (e.channel) {
+          var via = document.createElement("span");
+          via.className = "muted";
+          via.textContent = "via " + e.channel;
+          li.appendChild(document.createTextNode(" "));
+          li.appendChild(via);
+        }
+        li.appendChild(document.createElement("br"));
+        var at = document.createElement("time");
+        at.className = "muted small";
+        at.textContent = e.at;
+        li.appendChild(at);
+        if (e.detail) {
+          var detail = document.createElement("span");
+          detail.className = "small";
+          detail.textContent = e.detail;
+          li.appendChild(document.createElement("br"));
+          li.appendChild(detail);
+        }
+        return li;
+      });
+      list.replaceChildren.apply(list, entries);
+    }
 
     if (dialog) {
       dialog.querySelector("[data-confirm]").addEventListener("click", function () {
