@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -31,10 +32,12 @@ from approvals.config import (
     Settings,
     load_settings,
     reviewer_environment,
+    served_url,
     sha256_hex,
 )
 from approvals.errors import ConfigError
 from approvals.gatekeeper import build_gate, check_policies
+from approvals.store.records import STATUSES
 from approvals.web.app import create_app
 from approvals.web.inbox_auth import LINK_SECONDS, InboxAuth
 from approvals.web.origin import LOOPBACK_NAMES
@@ -45,6 +48,7 @@ DEV_REVIEWER = "dev-reviewer"
 DEFAULT_URL = "http://127.0.0.1:8080"
 SHUTDOWN_GRACE_SECONDS = 10.0
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
+EXIT_BROKEN_PIPE = 141  # the shell's code for "killed by SIGPIPE", as `yes | head` leaves it
 
 log = logging.getLogger("approvals")
 
@@ -85,9 +89,20 @@ def _parser() -> argparse.ArgumentParser:
     link.add_argument(
         "--config", type=Path, default=DEFAULT_CONFIG, help="gateway.toml (default: %(default)s)"
     )
+    link.add_argument(
+        "--url",
+        help="the gateway's URL for the link (default: public_url if the config sets it, else"
+        " $APPROVALS_URL, else the config's host and port)",
+    )
     url_help = f"the gateway's URL (default: $APPROVALS_URL or {DEFAULT_URL}); token from $APPROVALS_TOKEN"
     listing = commands.add_parser("list", help="list approvals of a running gateway")
-    listing.add_argument("--status", default="pending", help="pending (default), approved, denied, …, or all")
+    listing.add_argument(
+        "--status",
+        default="pending",
+        choices=(*STATUSES, "all"),
+        metavar="STATUS",
+        help="pending (default), approved, denied, …, or all",
+    )
     approve = commands.add_parser("approve", help="approve a pending call")
     approve.add_argument("id")
     approve.add_argument("--reason", help="why (shown in the audit log)")
@@ -110,11 +125,14 @@ def _review(args: argparse.Namespace) -> None:
             status = None if args.status == "all" else args.status
             print(asyncio.run(review_client.list_approvals(url, token, status)))
         else:
-            print(
-                asyncio.run(review_client.decide(url, token, args.id, args.command == "approve", args.reason))
-            )
+            print(asyncio.run(_decide(url, token, args)))
     except review_client.ReviewError as exc:
-        review_client.fail(str(exc))
+        review_client.fail(str(exc), exc.exit_status)
+
+
+async def _decide(url: str, token: str, args: argparse.Namespace) -> str:
+    approval_id = await review_client.resolve_id(url, token, args.id)
+    return await review_client.decide(url, token, approval_id, args.command == "approve", args.reason)
 
 
 T = TypeVar("T")
@@ -138,25 +156,46 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `approvals` console script."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        _serve_command(args)
+        return
+    try:
+        _one_shot(args)
+        sys.stdout.flush()  # now, so a reader that left is noticed here and not at exit
+    except BrokenPipeError:  # `approvals list | head`: the reader has all it wanted
+        # Python's recipe: point stdout at /dev/null so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
+
+
+def _one_shot(args: argparse.Namespace) -> None:
+    """Every command but serve: print something (to a pipe, perhaps) and end."""
     if args.command == "token":
         token = secrets.token_urlsafe(32)
         print(f"token:  {token}\nsha256: {sha256_hex(token)}")
-        return
-    if args.command in ("list", "approve", "deny"):
+    elif args.command in ("list", "approve", "deny"):
         _review(args)
-        return
+    elif args.command == "check":
+        settings = _checked_settings(args.config)
+        print(f"{args.config}: OK ({len(settings.upstreams)} upstream(s), {len(settings.grants)} grant(s))")
+    else:
+        _login_link(_checked_settings(args.config), args.reviewer, args.url)
+
+
+def _checked_settings(path: Path) -> Settings:
+    """The config and its policy files, or exit 1 listing every error in them."""
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(path)
         check_policies(settings)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    if args.command == "check":
-        print(f"{args.config}: OK ({len(settings.upstreams)} upstream(s), {len(settings.grants)} grant(s))")
-        return
-    if args.command == "login-link":
-        _login_link(settings, args.reviewer)
-        return
+    return settings
+
+
+def _serve_command(args: argparse.Namespace) -> None:
+    settings = _checked_settings(args.config)
     server = dataclasses.replace(
         settings.server,
         host=args.host if args.host is not None else settings.server.host,
@@ -177,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _login_link(settings: Settings, name: str) -> None:
+def _login_link(settings: Settings, name: str, url: str | None) -> None:
     """Print a link that logs `name` in to the inbox once, within ten minutes.
 
     The link is signed with APPROVALS_SESSION_SECRET, so the running gateway must have the same one.
@@ -198,9 +237,28 @@ def _login_link(settings: Settings, name: str) -> None:
         sys.exit(1)
     auth = InboxAuth(settings.reviewers, secret, settings.inbox.session_hours)
     token = auth.mint_link(reviewer, time.time())
-    print(f"{settings.server.public_url}/inbox/login/link?t={token}")
+    base, source = _link_base(settings, url)
+    print(f"{base}/inbox/login/link?t={token}")
     minutes = LINK_SECONDS / 60
     print(f"(for {reviewer.name}; it works once, for the next {minutes:.0f} minutes)", file=sys.stderr)
+    if source:
+        print(f"(the link uses {base}, {source}; --url names another)", file=sys.stderr)
+
+
+def _link_base(settings: Settings, url: str | None) -> tuple[str, str]:
+    """The gateway's URL for a login link, and where it came from (empty when the user chose it).
+
+    Without an explicit public_url the gateway links to the address it serves, which --port (or
+    port 0) may have changed: this command cannot see that, so it says which one it guessed.
+    """
+    if url:
+        return url.rstrip("/"), ""
+    if settings.server.public_url_explicit:
+        return settings.server.public_url, ""
+    env_url, _ = reviewer_environment()
+    if env_url:
+        return env_url.rstrip("/"), "from APPROVALS_URL"
+    return settings.server.public_url, f"the address {settings.source.name} listens on"
 
 
 def _reason(exc: OSError) -> str:
@@ -251,6 +309,16 @@ async def _serve(settings: Settings, dev_tokens: dict[str, str]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Listen before building the app: links in agents' results and Slack messages are made from
+    # the settings the app gets, so they must already name the port actually served.
+    try:
+        sockets = _listen(settings.server.host, settings.server.port)
+    except OSError as exc:
+        where = f"{settings.server.host}:{settings.server.port}"
+        print(f"error: cannot listen on {where}: {_reason(exc)}", file=sys.stderr)
+        return 1
+    port = sockets[0].getsockname()[1]
+    settings = _as_served(settings, port)
     gate = build_gate(settings)
     app = create_app(settings, gate)
     # SIGHUP: re-read every policy file now (edits are also picked up within a second on their own).
@@ -261,15 +329,8 @@ async def _serve(settings: Settings, dev_tokens: dict[str, str]) -> int:
         app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_SECONDS / 2, access_log=None
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        where = f"{settings.server.host}:{settings.server.port}"
-        print(f"error: cannot listen on {where}: {_reason(exc)}", file=sys.stderr)
-        return 1
-    port = runner.addresses[0][1]
+    for sock in sockets:
+        await web.SockSite(runner, sock).start()
     _print_banner(settings, port, dev_tokens)
     await stop.wait()
     log.info(
@@ -280,12 +341,42 @@ async def _serve(settings: Settings, dev_tokens: dict[str, str]) -> int:
     return 0
 
 
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` names, all on one port (the first one's, for 0),
+    as aiohttp's own TCPSite would open them (SO_REUSEADDR; IPv6 sockets IPv6-only)."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, address in dict.fromkeys((info[0], info[4]) for info in infos):  # once each
+            bound = (address[0], port, *address[2:])
+            sockets.append(socket.create_server(bound, family=family))
+            port = sockets[0].getsockname()[1]
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _as_served(settings: Settings, port: int) -> Settings:
+    """`settings` with the port served, and with links to it unless the config names a public_url."""
+    server = settings.server
+    public_url = server.public_url if server.public_url_explicit else served_url(server.host, port)
+    return dataclasses.replace(settings, server=dataclasses.replace(server, port=port, public_url=public_url))
+
+
 def _print_banner(settings: Settings, port: int, dev_tokens: dict[str, str]) -> None:
-    base = settings.server.public_url
-    public = urlsplit(base)
+    base = public_url = settings.server.public_url
+    public = urlsplit(public_url)
     if public.hostname in LOOPBACK_NAMES:  # local use: show the port actually bound (--port, or 0)
-        base = f"{public.scheme}://{public.hostname}:{port}"
+        host = f"[{public.hostname}]" if ":" in public.hostname else public.hostname
+        base = f"{public.scheme}://{host}:{port}"
     lines = [f"approvals gateway listening on {settings.server.host}:{port}"]
+    if public_url != served_url(settings.server.host, port):
+        lines.append(
+            f"  links in agents' results, Slack messages and login links use public_url {public_url}"
+            " (set in the config or APPROVALS_PUBLIC_URL), not this address"
+        )
     for name in settings.upstreams:
         lines.append(f"  MCP URL for upstream {name!r}: {base}/mcp/{name}")
     lines.append(f"  web inbox for reviewers: {base}/inbox")

@@ -324,3 +324,38 @@ async def test_serve_rejects_a_port_out_of_range(workdir: Path) -> None:
     assert status == 2
     assert "--port: must be a number from 0 to 65535" in err
     assert "Traceback" not in err
+
+
+async def test_check_names_a_policy_file_once_on_bad_json(workdir: Path) -> None:
+    """A policy file that is not JSON is one line naming the file once, then where the syntax broke."""
+    (workdir / "policy.json").write_text('{"version": "1", ')
+    status, out, err = await run_cli(workdir, "check", "--config", "gateway.toml")
+    policy = (workdir / "policy.json").resolve()
+    assert (status, out) == (1, "")
+    assert err.splitlines() == [
+        "error: policy files: 1 error(s)",
+        f"  {policy}: invalid JSON at line 1 column 18: Expecting property name enclosed in double quotes",
+    ]
+
+
+async def test_login_link_says_which_gateway_url_it_uses(workdir: Path) -> None:
+    """Without public_url, login-link links to --url, else $APPROVALS_URL, else the config's port, and
+    says on stderr which one it guessed (it cannot see the port `serve --port` chose)."""
+    secret = {"APPROVALS_SESSION_SECRET": "s" * 32}
+    cases = [
+        ({}, (), "http://127.0.0.1:8080", True),
+        ({"APPROVALS_URL": "http://127.0.0.1:8090"}, (), "http://127.0.0.1:8090", True),
+        (
+            {"APPROVALS_URL": "http://127.0.0.1:8090"},
+            ("--url", "http://127.0.0.1:8091/"),
+            "http://127.0.0.1:8091",
+            False,
+        ),
+    ]
+    for env, url, base, says in cases:
+        status, out, err = await run_cli(
+            workdir, "login-link", "dev-reviewer", "--config", "gateway.toml", *url, env=secret | env
+        )
+        assert status == 0, err
+        assert out.startswith(f"{base}/inbox/login/link?t="), out
+        assert (f"the link uses {base}" in err) == says, err

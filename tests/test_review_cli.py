@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
+import sys
+from collections import Counter
 from pathlib import Path
 
 from tests.conftest import ALICE_TOKEN, BOB_TOKEN, WAIT, mcp_client
-from tests.test_cli import run_cli
+from tests.test_cli import _environment, run_cli
 from tests.test_restart import (
     EMAIL,
     EMAIL_HELD,
@@ -132,7 +135,7 @@ async def test_refusals_exit_1_with_a_one_line_error(tmp_path: Path) -> None:
         assert_refused(await run_cli(tmp_path, "list", env=wrong), "401")
         alice = {**as_bob(gw), "APPROVALS_TOKEN": ALICE_TOKEN}  # alice runs agent-a
         assert_refused(await run_cli(tmp_path, "approve", approval_id, env=alice), "403", "own")
-        assert_refused(await run_cli(tmp_path, "approve", "no-such-id", env=as_bob(gw)), "404", "no-such-id")
+        assert_refused(await run_cli(tmp_path, "approve", "no-such-id", env=as_bob(gw)), "no-such-id")
         status, body = await gw.api("GET", f"/api/approvals/{approval_id}")
         assert (status, body["status"]) == (200, "pending")
         assert (await run_cli(tmp_path, "approve", approval_id, env=as_bob(gw)))[0] == 0
@@ -174,3 +177,103 @@ async def test_deny_without_a_reason_is_a_usage_error(tmp_path: Path) -> None:
     assert (status, out) == (2, "")
     assert "--reason" in err
     assert "Traceback" not in err
+
+
+async def held(gw: Gateway, *subjects: str) -> list[str]:
+    """Ids of held send_email calls, one per subject, made at once (one hold's wait, not many)."""
+    async with mcp_client(gw.url) as client:
+        answers = await asyncio.gather(
+            *(client.call_tool("send_email", {**EMAIL, "subject": subject}) for subject in subjects)
+        )
+    return [approvals_meta(answer)["approval_id"] for answer in answers]
+
+
+async def test_approve_accepts_a_unique_prefix_of_the_id(tmp_path: Path) -> None:
+    """`approvals approve 8ae0cd` (the start of an id, as progress messages show it) approves that call."""
+    write_gateway(tmp_path, EMAIL_HELD, hold_seconds=0.2)
+    async with gateway(tmp_path) as gw:
+        (approval_id,) = await held(gw, "one")
+        status, out, err = await run_cli(tmp_path, "approve", approval_id[:6].upper(), env=as_bob(gw))
+        assert (status, out, err) == (0, f"{approval_id}: approved by bob\n", "")
+        assert (await gw.api("GET", f"/api/approvals/{approval_id}"))[1]["status"] != "pending"
+
+
+async def test_an_ambiguous_prefix_decides_nothing_and_exits_2(tmp_path: Path) -> None:
+    """A prefix of several ids exits 2 naming each of them, and none of them is decided."""
+    write_gateway(tmp_path, EMAIL_HELD, hold_seconds=0.2)
+    async with gateway(tmp_path) as gw:
+        ids = await held(gw, *(f"n{i}" for i in range(17)))  # 17 ids: two share a first hex digit
+        prefix, _ = Counter(approval_id[0] for approval_id in ids).most_common(1)[0]
+        sharing = [approval_id for approval_id in ids if approval_id.startswith(prefix)]
+        status, out, err = await run_cli(tmp_path, "deny", prefix, "--reason", "no", env=as_bob(gw))
+        assert (status, out) == (2, ""), err
+        assert all(approval_id in err for approval_id in sharing), err
+        status, body = await gw.api("GET", "/api/approvals?status=pending&limit=100")
+        assert sorted(a["id"] for a in body["approvals"]) == sorted(ids)
+
+
+async def test_list_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """`approvals list | head` (a reader that left): exit 141 as SIGPIPE would, nothing on stderr."""
+    write_gateway(tmp_path, EMAIL_HELD)
+    async with gateway(tmp_path) as gw:
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader has gone before the first line is written
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "approvals",
+                "list",
+                cwd=tmp_path,
+                env={**_environment(), **as_bob(gw)},
+                stdout=write_end,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        finally:
+            os.close(write_end)
+        _, err = await asyncio.wait_for(process.communicate(), WAIT)
+    assert (process.returncode, err.decode()) == (141, "")
+
+
+async def test_list_marks_hidden_characters(tmp_path: Path) -> None:
+    """A right-to-left override in the arguments is listed as a visible marker, never raw."""
+    write_gateway(tmp_path, EMAIL_HELD, hold_seconds=0.2)
+    async with gateway(tmp_path) as gw:
+        await held(gw, "invoice_\u202egnp.exe")
+        status, out, err = await run_cli(tmp_path, "list", env=as_bob(gw))
+    assert status == 0, err
+    assert "invoice_⟦U+202E⟧gnp.exe" in table(out)[1][7]
+    assert "\u202e" not in out
+
+
+async def test_list_status_names_all_among_its_values(tmp_path: Path) -> None:
+    """`--status bogus` is a usage error (exit 2) whose list of valid values includes `all`."""
+    status, out, err = await run_cli(tmp_path, "list", "--status", "bogus", env=as_bob("http://127.0.0.1:9"))
+    assert (status, out) == (2, "")
+    assert "'pending'" in err
+    assert "'all'" in err
+
+
+async def test_pending_results_link_to_the_port_served(tmp_path: Path) -> None:
+    """Without public_url, `serve --port 0` links agents to the port it bound, not the config's 8080."""
+    write_gateway(tmp_path, EMAIL_HELD, hold_seconds=0.2)
+    async with gateway(tmp_path) as gw, mcp_client(gw.url) as client:
+        meta = approvals_meta(await client.call_tool("send_email", EMAIL))
+    assert meta["code"] == "approval_pending"
+    assert meta["url"] == f"{gw.base}/inbox/approvals/{meta['approval_id']}"
+    assert not gw.base.endswith(":8080")
+
+
+async def test_serve_says_when_public_url_is_not_the_address_served(tmp_path: Path) -> None:
+    """A public_url set in the config is what results link to; the banner says it differs from the port."""
+    write_gateway(tmp_path, EMAIL_HELD, hold_seconds=0.2)
+    config = tmp_path / "gateway.toml"
+    public_url = "http://127.0.0.1:8080"
+    config.write_text(config.read_text().replace("[server]\n", f'[server]\npublic_url = "{public_url}"\n', 1))
+    async with gateway(tmp_path) as gw:
+        async with mcp_client(gw.url) as client:
+            meta = approvals_meta(await client.call_tool("send_email", EMAIL))
+        notes = [line for line in gw.served.banner if "public_url" in line]
+    assert meta["url"] == f"{public_url}/inbox/approvals/{meta['approval_id']}"
+    assert len(notes) == 1
+    assert public_url in notes[0]
