@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check lint bench clean chromium
+.PHONY: run test check lint bench fuzz clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test: $(VENV)/.test-installed tests/node/node_modules/.installed chromium lint
 # The benchmark (bench/run.py): the gateway beside a direct connection, FastMCP's proxy and mcp-proxy.
 bench: $(VENV)/.test-installed
 	$(BIN)/python bench/run.py
+
+# The fuzzer (bench/fuzz.py): 20,000 seeded malformed requests against a real gateway; any 500 fails.
+fuzz: $(VENV)/.test-installed
+	$(BIN)/python bench/fuzz.py
 
 check: $(VENV)/.run-installed
 	$(BIN)/approvals check --config config/gateway.toml
