@@ -14,7 +14,12 @@ Two modes, each printing one JSON object per line on stdout:
     held   S sessions send K `approve_echo` calls with distinct arguments, each on its own
            connection, and wait for their results (the runner approves them meanwhile). Prints
            {"event": "sessions"} once the sessions are open and waits for a line on stdin before
-           calling; then {"event": "sent"}, and {"event": "done", ...} when every call is answered.
+           calling; then {"event": "sent"}, and {"event": "done", ...} when every call is answered,
+           with the time each answer arrived and whether it was the result or a tool error
+           (`answers`). With --drop each connection is closed as soon as its request is written,
+           as an agent that gave up would: the approvals stay pending with nobody waiting.
+    repeat K calls of `approve_echo` with the same distinct arguments, one after another on one
+           session (the agent's repeat call for a kept result); prints each round trip.
 """
 
 from __future__ import annotations
@@ -353,6 +358,8 @@ async def run_held(args: argparse.Namespace) -> dict[str, Any]:
     sent = 0
     all_sent = asyncio.Event()
     answered: dict[int, float] = {}
+    # n → (when the agent had the answer, "ok" or "tool_error"): what a decision looks like from here.
+    answers: dict[int, tuple[float, str]] = {}
     errors: list[str] = []
 
     async def one(i: int) -> None:
@@ -368,17 +375,25 @@ async def run_held(args: argparse.Namespace) -> dict[str, Any]:
             sent += 1
             if sent == args.calls:
                 all_sent.set()
+            if args.drop:
+                assert conn.transport is not None
+                conn.transport.close()
+                pending.cancel()
+                return
             response = await pending
+            at = time.time()
             error = call_error(response, body["id"])
+            answers[args.first + i] = (at, "tool_error" if (error or "").startswith("tool error") else "ok")
             if conn.transport is not None:
                 conn.transport.close()
         except (HttpError, OSError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
+            at = time.time()
             sent += 1
             if sent == args.calls:
                 all_sent.set()
         if error is None:
-            answered[args.first + i] = time.time()
+            answered[args.first + i] = at
         elif len(errors) < 1000:
             errors.append(error)
 
@@ -389,10 +404,26 @@ async def run_held(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "event": "done",
         "ok": len(answered),
-        "errors": args.calls - len(answered),
+        "errors": 0 if args.drop else args.calls - len(answered),
         "error_samples": errors[:5],
         "last_answer": max(answered.values(), default=None),
+        "answers": answers,
     }
+
+
+async def run_repeat(args: argparse.Namespace) -> dict[str, Any]:
+    client = McpClient(args.url, args.token)
+    await client.initialize()
+    round_trips: list[float] = []
+    errors: list[str] = []
+    for i in range(args.calls):
+        body = client.call_body("approve_echo", {"n": args.first + i})
+        started = time.perf_counter()
+        response = await client.post(body)
+        round_trips.append(time.perf_counter() - started)
+        if (error := call_error(response, body["id"])) is not None and len(errors) < 5:
+            errors.append(error)
+    return {"event": "done", "round_trips_s": round_trips, "error_samples": errors}
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -401,7 +432,7 @@ def emit(obj: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["calls", "held"])
+    parser.add_argument("mode", choices=["calls", "held", "repeat"])
     parser.add_argument("--url", required=True)
     parser.add_argument("--token", default=os.environ.get("BENCH_AGENT_TOKEN"))
     parser.add_argument("--clients", type=int, default=1)
@@ -411,13 +442,12 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--calls", type=int, default=10_000)
     parser.add_argument("--first", type=int, default=0, help="the first `n` argument of held calls")
+    parser.add_argument("--drop", action="store_true", help="held: close each connection once sent")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if args.mode == "calls":
-        emit(asyncio.run(run_calls(args)))
-    else:
-        emit(asyncio.run(run_held(args)))
+    run = {"calls": run_calls, "held": run_held, "repeat": run_repeat}[args.mode]
+    emit(asyncio.run(run(args)))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ reused upstream client (bench/fastmcp_proxy.py) and `mcp-proxy` chained streamab
 1. allowed calls: each target at 1 and 32 concurrent clients, rounds interleaved (the order
    rotates every round) to cancel drift; the load generator (bench/load.py) runs in its own
    process;
-2. decision latency: calls held for approval, approved one after another through the API; from
-   the API's answer to the upstream receiving the call;
+2. decision latency: calls held for approval, decided one after another through the API — half
+   approved, half denied — from the API's answer to the agent holding the outcome (what a person
+   feels) and, for approvals, to the upstream receiving the call; then calls whose agent left
+   before the decision, approved, and called again: the repeat call's round trip for the kept
+   result;
 3. held calls: K calls held at once (memory per held call), one bulk approval through the API as
    fast as it answers, and the time until the upstream has received all K.
 
@@ -268,8 +271,8 @@ class Api:
             found += page
         return found
 
-    async def approve(self, approval_id: str) -> tuple[int, float]:
-        url = f"{self.gateway}/api/approvals/{approval_id}/approve"
+    async def approve(self, approval_id: str, verb: str = "approve") -> tuple[int, float]:
+        url = f"{self.gateway}/api/approvals/{approval_id}/{verb}"
         async with self.http.post(url, headers=self.headers, json={"reason": "bench"}) as response:
             await response.read()
             return response.status, time.time()
@@ -300,11 +303,14 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str,
 class HeldCalls:
     """A load generator process holding `calls` approve_echo calls on the gateway."""
 
-    def __init__(self, gateway: Target, calls: int, sessions: int, first: int) -> None:
+    def __init__(
+        self, gateway: Target, calls: int, sessions: int, first: int, mode: str = "held", *extra: str
+    ) -> None:
         self.args = [
             PYTHON,
             str(BENCH / "load.py"),
-            "held",
+            mode,
+            *extra,
             "--url",
             gateway.url,
             "--calls",
@@ -350,29 +356,75 @@ class HeldCalls:
 
 
 async def decision_latency(api: Api, gateway: Target, calls: int) -> dict[str, Any]:
-    """Hold `calls` calls, approve them one after another; API answer → upstream receipt."""
+    """Hold `calls` calls and decide them one after another (half approved, half denied): API
+    answer → agent holding the outcome, and → upstream receipt; then the kept-result round trip."""
     await api.reset_upstream()
     held = HeldCalls(gateway, calls, min(calls, 20), first=1_000_000)
     await held.open_sessions()
     await held.call()
     await until(lambda: _pending_at_least(api, calls), 120, f"{calls} pending approvals")
     pending = await api.all_pending(calls)
-    answered: dict[str, float] = {}
+    decided: dict[str, tuple[float, str]] = {}
     errors = 0
-    for approval in pending:
-        status, at = await api.approve(approval["id"])
-        answered[str(approval["arguments"]["n"])] = at
+    for i, approval in enumerate(pending):
+        verb = "approve" if i % 2 == 0 else "deny"
+        status, at = await api.approve(approval["id"], verb)
+        decided[str(approval["arguments"]["n"])] = (at, verb)
         errors += status != 200
-    await until(lambda: _received_at_least(api, calls), 60, "the upstream to receive every approved call")
+    approved = sum(verb == "approve" for _, verb in decided.values())
+    await until(lambda: _received_at_least(api, approved), 60, "the upstream to receive every approved call")
     received = await api.received()
     outcome = await held.done()
-    latencies = [(received[n] - at) * 1e3 for n, at in answered.items() if n in received]
+    to_upstream = [(received[n] - at) * 1e3 for n, (at, verb) in decided.items() if n in received]
+    to_agent: dict[str, list[float]] = {"approve": [], "deny": []}
+    for n, (at, verb) in decided.items():
+        if (answer := outcome["answers"].get(n)) is not None:
+            to_agent[verb].append((answer[0] - at) * 1e3)
+    wrong = sum(
+        (outcome["answers"].get(n, [0, ""])[1] == "ok") != (verb == "approve")
+        for n, (_, verb) in decided.items()
+    )
     return {
         "calls": calls,
-        "p50_ms": percentile(latencies, 50),
-        "p99_ms": percentile(latencies, 99),
-        "max_ms": max(latencies),
-        "errors": errors + outcome["errors"],
+        "p50_ms": percentile(to_upstream, 50),
+        "p99_ms": percentile(to_upstream, 99),
+        "max_ms": max(to_upstream),
+        "agent": {verb: _spread(values) for verb, values in to_agent.items()},
+        "kept_result": await kept_result_round_trip(api, gateway, min(calls, 50)),
+        "errors": errors + wrong + len(decided) - sum(len(v) for v in to_agent.values()),
+    }
+
+
+async def kept_result_round_trip(api: Api, gateway: Target, calls: int) -> dict[str, float]:
+    """Calls whose agent left before the decision, approved and completed: the repeat call's round
+    trip, which is how long the agent waits for a kept result."""
+    await api.reset_upstream()
+    dropped = HeldCalls(gateway, calls, 1, 2_000_000, "held", "--drop")
+    await dropped.open_sessions()
+    await dropped.call()
+    await dropped.done()
+    await until(lambda: _pending_at_least(api, calls), 60, f"{calls} pending approvals")
+    for approval in await api.all_pending(calls):
+        await api.approve(approval["id"])
+    await until(lambda: _received_at_least(api, calls), 60, "the upstream to receive every approved call")
+    # The upstream has each call a moment before the gateway keeps its result: the first repeat
+    # call may still attach to the released record, which is the path a person would feel too.
+    repeat = HeldCalls(gateway, calls, 1, 2_000_000, "repeat")
+    env = {**os.environ, "BENCH_AGENT_TOKEN": repeat.token}
+    process = await asyncio.create_subprocess_exec(*repeat.args, stdout=asyncio.subprocess.PIPE, env=env)
+    out, _ = await process.communicate()
+    done = json.loads(out.decode().strip().splitlines()[-1])
+    return _spread([t * 1e3 for t in done["round_trips_s"]])
+
+
+def _spread(values_ms: list[float]) -> dict[str, float]:
+    if not values_ms:
+        return {"n": 0, "p50_ms": math.nan, "p99_ms": math.nan, "max_ms": math.nan}
+    return {
+        "n": len(values_ms),
+        "p50_ms": percentile(values_ms, 50),
+        "p99_ms": percentile(values_ms, 99),
+        "max_ms": max(values_ms),
     }
 
 
@@ -517,6 +569,12 @@ def goals(results: dict[str, Any]) -> Iterator[tuple[str, bool, str]]:
         yield "decisions through the API: ≥ 1,000 / s", rate >= 1000, f"{rate:,.0f} / s"
     if latency := results.get("decision_latency"):
         yield "decision → upstream p99 < 20 ms", latency["p99_ms"] < 20, f"p99 {latency['p99_ms']:.1f} ms"
+        for what, spread in (*latency["agent"].items(), ("kept result", latency["kept_result"])):
+            yield (
+                f"{what} → agent p99 < 20 ms",
+                spread["p99_ms"] < 20,
+                f"p50 {spread['p50_ms']:.1f} ms, p99 {spread['p99_ms']:.1f} ms",
+            )
 
 
 def report(results: dict[str, Any], concurrency: list[int]) -> str:
@@ -528,6 +586,14 @@ def report(results: dict[str, Any], concurrency: list[int]) -> str:
             f"Decision → upstream ({latency['calls']} calls approved one after another through the API): "
             f"p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms, "
             f"max {latency['max_ms']:.1f} ms, errors {latency['errors']}",
+            *(
+                f"{what} → agent holding the outcome: p50 {spread['p50_ms']:.1f} ms, "
+                f"p99 {spread['p99_ms']:.1f} ms, max {spread['max_ms']:.1f} ms ({spread['n']} calls)"
+                for what, spread in (
+                    *latency["agent"].items(),
+                    ("kept result (repeat call)", latency["kept_result"]),
+                )
+            ),
             "",
         ]
     if held := results.get("held"):
