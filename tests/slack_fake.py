@@ -164,10 +164,11 @@ class FakeSlack:
 # ---- what Slack sends -------------------------------------------------------------------------------
 
 
-def signed(body: str, *, secret: str = SECRET, timestamp: int | None = None) -> dict[str, str]:
+def signed(body: str | bytes, *, secret: str = SECRET, timestamp: float | None = None) -> dict[str, str]:
     """The headers Slack sends with `body`: v0 HMAC-SHA256 of `v0:{timestamp}:{body}`."""
-    stamp = str(int(time.time()) if timestamp is None else timestamp)
-    digest = hmac.new(secret.encode(), f"v0:{stamp}:{body}".encode(), hashlib.sha256).hexdigest()
+    stamp = str(int(time.time() if timestamp is None else timestamp))
+    raw = body.encode() if isinstance(body, str) else body
+    digest = hmac.new(secret.encode(), f"v0:{stamp}:".encode() + raw, hashlib.sha256).hexdigest()
     return {
         "Content-Type": "application/x-www-form-urlencoded",
         "X-Slack-Request-Timestamp": stamp,

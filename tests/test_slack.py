@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
+import io
 import json
 import os
+import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import pytest
@@ -22,11 +26,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from approvals.channels import slack_blocks as blocks
+from approvals.channels import slack_requests
 from approvals.channels.slack import SLACK_CHANNEL, Retry, SlackChannel
-from approvals.gatekeeper import Gatekeeper
-from approvals.store.records import Approval
+from approvals.core.model import Approval
 from tests.approvals_kit import HELD_POLICY, Held, Recorder
-from tests.conftest import DEMO_COMMAND, TOKEN_A, WAIT, StartGateway, mcp_client, settings_for
+from tests.conftest import DEMO_COMMAND, TOKEN_A, WAIT, StartGateway, mcp_client
 from tests.rawmcp import RawSession
 from tests.slack_fake import (
     APP_TOKEN,
@@ -67,12 +71,27 @@ class SlackHeld(Held):
 
     async def click(self, payload: dict[str, Any], **sign: Any) -> int:
         """POST a signed interactivity request to /slack/events; the HTTP status."""
-        body = form(payload)
+        return await self.post(form(payload), signed(form(payload), **sign))
+
+    async def post(self, body: str | bytes | io.BytesIO, headers: dict[str, str]) -> int:
+        """POST `body` with `headers` to /slack/events; the HTTP status."""
         async with (
             aiohttp.ClientSession() as http,
-            http.post(f"{self.gateway.base}/slack/events", data=body, headers=signed(body, **sign)) as reply,
+            http.post(f"{self.gateway.base}/slack/events", data=body, headers=headers) as reply,
         ):
             return reply.status
+
+    async def raw(self, headers: list[bytes], body: bytes) -> int:
+        """POST to /slack/events with exactly these header bytes (no client re-encodes them); the status."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.gateway.server.port)
+        try:
+            lines = [b"POST /slack/events HTTP/1.1", b"Host: 127.0.0.1", *headers]
+            lines += [b"Content-Length: %d" % len(body), b"Connection: close"]
+            writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+            answer = await asyncio.wait_for(reader.read(), WAIT)
+        finally:
+            writer.close()
+        return int(answer.split(b" ", 2)[1])
 
 
 async def start_slack(
@@ -81,6 +100,7 @@ async def start_slack(
     fake: FakeSlack,
     policy: dict[str, Any] | None = None,
     retry: Retry = FAST,
+    clock: Callable[[], float] = time.time,
     **slack: Any,
 ) -> SlackHeld:
     """The approvals kit's gateway (send_email held) with a [slack] section pointed at the fake."""
@@ -104,11 +124,8 @@ async def start_slack(
         "approvals": {"hold_seconds": 10},
         "slack": {"channel": CHANNEL, "mode": "http", "api_url": fake.api_url, **slack},
     }
-    gate = Gatekeeper(settings_for(tmp_path, upstreams, env, **extra))
-    recorder = Recorder()
-    gate.channel_list.append(recorder)
-    running = await start_gateway(upstreams, gate=gate, env=env, **extra)
-    held = SlackHeld(running, gate, recorder, outbox)
+    running = await start_gateway(upstreams, env=env, clock=clock, **extra)
+    held = SlackHeld(running, running.gatekeeper, Recorder.following(running.service.feed), outbox)
     held.waits = []
 
     async def no_wait(seconds: float) -> None:
@@ -193,7 +210,7 @@ async def test_request_is_posted_with_its_details_and_buttons(
             assert shown in message
         assert "Send an email" in message  # the tool's description as the upstream lists it
         assert f"`{pending.rule}`" in message
-        url = held.gate.queue.url_of(pending.id)  # type: ignore[union-attr]
+        url = held.gateway.service.url_of(pending.id)
         assert f"<{url}|Open in the inbox>" in message
         header, *_, actions, footer = post.params["blocks"]
         assert header["type"] == "header"
@@ -347,6 +364,188 @@ async def test_badly_signed_clicks_are_401_and_decide_nothing(
     assert fake.of("chat.postEphemeral") == fake.of("views.open") == []
 
 
+FORM = "application/x-www-form-urlencoded"
+ARABIC_STAMP = ("\u0661\u0667" + "\u0660" * 8).encode()  # 1700000000 in digits int() reads, Slack never sends
+JUNK: tuple[bytes, ...] = (
+    b"",
+    b"\xff\xfe\x00garbage",  # not UTF-8
+    b"payload=%7B",  # a form whose JSON is cut off
+    b"payload=" + b"%5B" * 5000,  # deeply nested
+    b"{not json",
+    b"a=1&a=2&payload",
+)
+
+
+async def test_unsigned_or_unreadably_signed_requests_are_401_before_anything_is_parsed(
+    start_gateway: StartGateway, tmp_path: Path, fake: FakeSlack
+) -> None:
+    """Junk bodies, timestamps that are no Unix time or far off, non-ASCII signatures: all 401."""
+    held = await start_slack(start_gateway, tmp_path, fake)
+    async with held_call(held) as (_, pending):
+        await fake.wait_for("chat.postMessage")
+        click = form(block_actions(blocks.ACTION_APPROVE, pending.id)).encode()
+        good = signed(click)
+        for body in (*JUNK, click):
+            assert await held.post(body, {"Content-Type": FORM}) == 401
+        for stamp in (b"abc", b"", b"-1", b"1e9", b"0", b"99999999999999999999", ARABIC_STAMP):
+            headers = [b"X-Slack-Request-Timestamp: " + stamp, b"X-Slack-Signature: v0=00"]
+            assert await held.raw([b"Content-Type: " + FORM.encode(), *headers], click) == 401
+        far = int(time.time()) + 10**9
+        assert await held.post(click, signed(click, timestamp=far)) == 401
+        assert await held.post(click, signed(click, timestamp=-far)) == 401
+        stamp = good["X-Slack-Request-Timestamp"].encode()
+        for signature in ("v0=é".encode(), b"v0=\xff\xfe", good["X-Slack-Signature"].encode() + "é".encode()):
+            headers = [b"X-Slack-Request-Timestamp: " + stamp, b"X-Slack-Signature: " + signature]
+            assert await held.raw([b"Content-Type: " + FORM.encode(), *headers], click) == 401
+        await assert_still_pending(held, pending.id)
+
+
+async def test_signature_window_is_300_seconds_on_the_gateways_clock(
+    start_gateway: StartGateway, tmp_path: Path, fake: FakeSlack
+) -> None:
+    """Signed 300 s either side of the gateway's (injected) clock passes; 301 s or the real time: 401."""
+    now = 1_000_000_000.0  # far from the real time: a check on time.time() would refuse all of these
+    held = await start_slack(start_gateway, tmp_path, fake, clock=lambda: now)
+    click = block_actions(blocks.ACTION_APPROVE, "no-such-approval")
+    assert await held.click(click, timestamp=now - 300) == 200
+    assert await held.click(click, timestamp=now + 300) == 200
+    assert await held.click(click, timestamp=now - 301) == 401
+    assert await held.click(click, timestamp=now + 301) == 401
+    assert await held.click(click) == 401  # signed now, by the wall clock
+    told = await fake.wait_for("chat.postEphemeral", count=2)  # the two accepted: no such approval
+    assert len(told) == 2
+
+
+def _payload(**changes: Any) -> str:
+    click = block_actions(blocks.ACTION_APPROVE, "a")
+    return json.dumps({**click, **changes})
+
+
+MALFORMED: tuple[bytes, ...] = (
+    b"\xff\xfe\x00garbage",
+    b"payload=%7B",
+    b"payload=" + b"%5B" * 100_000,  # nested beyond the gateway's JSON depth (and the parser's)
+    b"payload=" + quote('{"type": "block_actions", "n": 1e400}').encode(),  # not a double
+    b"a=1&b=2",
+    b"payload=%7B%7D&payload=%7B%7D",
+    b"=&&=",
+    *(
+        urlencode({"payload": p}).encode()
+        for p in (
+            "[1]",
+            '"text"',
+            "null",
+            "{}",
+            '{"type": "block_actions"}',
+            _payload(actions=[]),
+            _payload(actions=[1]),
+            _payload(actions=[{"value": "a"}]),
+            _payload(user=5),
+            _payload(user={"team_id": TEAM}),
+            _payload(team="T0TEAM"),
+            _payload(user={"id": "U0BOB", "team_id": 5}),
+            _payload(channel=[]),
+            _payload(trigger_id={}),
+            _payload(type="shortcut"),
+            json.dumps({"type": "view_submission", "user": {"id": "U0BOB"}}),
+            json.dumps({"type": "view_submission", "user": {"id": "U0BOB"}, "view": {"callback_id": "x"}}),
+        )
+    ),
+)
+
+
+async def test_signed_malformed_requests_are_4xx_and_decide_nothing(
+    start_gateway: StartGateway, tmp_path: Path, fake: FakeSlack
+) -> None:
+    """Correctly signed garbage: not a form, not JSON, not an object, fields missing or mistyped: 400."""
+    held = await start_slack(start_gateway, tmp_path, fake)
+    async with held_call(held) as (_, pending):
+        await fake.wait_for("chat.postMessage")
+        for body in MALFORMED:
+            assert await held.post(body, signed(body)) == 400, body[:80]
+        click = form(block_actions(blocks.ACTION_APPROVE, pending.id))
+        json_headers = {**signed(click), "Content-Type": "application/json"}
+        assert await held.post(click, json_headers) == 415
+        await assert_still_pending(held, pending.id)
+    assert fake.of("chat.postEphemeral") == fake.of("views.open") == []
+
+
+PAYLOAD_KEYS = (
+    *("type", "user", "team", "enterprise", "channel", "view", "actions", "authorizations", "event"),
+    *("id", "team_id", "enterprise_id", "action_id", "callback_id", "message", "response_urls", "state"),
+)
+PAYLOAD_LEAVES: tuple[object, ...] = (None, True, 1, 1.5, "", "block_actions", "view_submission", "modal")
+PAYLOAD_LEAVES += (TEAM, "U0BOB", blocks.ACTION_APPROVE, blocks.ACTION_DENY, blocks.DENY_VIEW)
+
+
+def _json(rng: random.Random, depth: int = 0) -> Any:
+    """Random JSON over the keys and values Slack payloads use."""
+    roll = rng.random()
+    if depth > 3 or roll < 0.4:
+        return rng.choice(PAYLOAD_LEAVES)
+    if roll < 0.6:
+        return [_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return {rng.choice(PAYLOAD_KEYS): _json(rng, depth + 1) for _ in range(rng.randint(0, 5))}
+
+
+def _payload_like(rng: random.Random) -> Any:
+    """Random JSON; every other one a click or submission with its required parts, and noise around."""
+    if rng.random() < 0.5:
+        return _json(rng)
+    noise, part = _json(rng, 2), _json(rng, 2)
+    noise, part = (x if isinstance(x, dict) else {} for x in (noise, part))
+    body = {**noise, "user": {**part, "id": "U0BOB"}}
+    if rng.random() < 0.5:
+        return {**body, "type": "block_actions", "actions": [{**part, "action_id": blocks.ACTION_APPROVE}]}
+    return {
+        **body,
+        "type": "view_submission",
+        "view": {**part, "type": "modal", "callback_id": blocks.DENY_VIEW},
+    }
+
+
+async def test_any_signed_payload_is_400_or_handled_without_a_500(
+    start_gateway: StartGateway, tmp_path: Path, fake: FakeSlack
+) -> None:
+    """Seeded random payloads, correctly signed: 400 from the check, or taken by bolt; never a 500."""
+    held = await start_slack(start_gateway, tmp_path, fake)
+    rng = random.Random(11)
+    handled = 0
+    for _ in range(400):
+        payload = _payload_like(rng)
+        try:
+            slack_requests.interaction(payload)
+        except slack_requests.SlackRequestError:
+            expected = {400}
+        else:
+            expected, handled = {200, 404}, handled + 1  # 404: bolt has no handler (an unknown action)
+        body = form(payload)
+        assert await held.post(body, signed(body)) in expected, payload
+    assert handled > 50  # the shaped half reaches bolt
+
+
+async def test_oversized_or_encoded_bodies_are_refused_unread(
+    start_gateway: StartGateway, tmp_path: Path, fake: FakeSlack
+) -> None:
+    """Over the Slack body bound: 413, whether its length is declared or not; a gzip body: 415."""
+    held = await start_slack(start_gateway, tmp_path, fake)
+    big = b"payload=" + b"a" * slack_requests.MAX_BODY_BYTES
+    assert await held.post(io.BytesIO(big), signed(big)) == 413
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(9):
+            yield b"a" * (slack_requests.MAX_BODY_BYTES // 8)
+
+    async with aiohttp.ClientSession() as http:
+        streamed = http.post(
+            f"{held.gateway.base}/slack/events", data=chunks(), headers={"Content-Type": FORM}
+        )
+        async with streamed as reply:
+            assert reply.status == 413
+    body = gzip.compress(form(block_actions(blocks.ACTION_APPROVE, "a")).encode())
+    assert await held.post(body, {**signed(body), "Content-Encoding": "gzip"}) == 415
+
+
 async def test_clicks_and_submissions_by_non_reviewers_get_an_ephemeral_refusal(
     start_gateway: StartGateway, tmp_path: Path, fake: FakeSlack
 ) -> None:
@@ -392,6 +591,35 @@ async def test_reviewer_id_from_another_workspace_is_refused(
         [told] = await fake.wait_for("chat.postEphemeral")
         assert told.params["user"] == "U0BOB"
         await assert_still_pending(held, pending.id)
+
+
+async def test_click_naming_another_workspace_anywhere_is_refused(
+    start_gateway: StartGateway, tmp_path: Path, fake: FakeSlack
+) -> None:
+    """With team_id set, our team.id is not enough: the user's team, the modal's and the org must agree."""
+    held = await start_slack(start_gateway, tmp_path, fake, team_id=TEAM)
+    async with held_call(held) as (call, pending):
+        await fake.wait_for("chat.postMessage")
+        ours = block_actions(blocks.ACTION_APPROVE, pending.id)
+        theirs = {**ours["user"], "team_id": "T0OTHER"}
+        refused = (
+            {**ours, "user": theirs},  # team.id is ours, the user is another workspace's
+            {**ours, "user": theirs, "team": None},
+            {**ours, "user": {"id": "U0BOB"}, "team": None},  # no workspace named at all
+            {**ours, "enterprise": {"id": "E0ONE"}, "user": {**ours["user"], "enterprise_id": "E0TWO"}},
+        )
+        for n, click in enumerate(refused, start=1):
+            assert await held.click(click) == 200
+            told = await fake.wait_for("chat.postEphemeral", count=n)
+            assert told[-1].params["user"] == "U0BOB"
+        view = blocks.deny_modal(pending, channel=CHANNEL)
+        submitted = view_submission(view, "no")
+        submitted["view"]["team_id"] = "T0OTHER"
+        assert await held.click(submitted) == 200
+        await fake.wait_for("chat.postEphemeral", count=len(refused) + 1)
+        await assert_still_pending(held, pending.id)
+        assert await held.click(ours) == 200  # the same reviewer from our workspace decides
+        assert not (await asyncio.wait_for(call, WAIT)).is_error
 
 
 async def test_click_is_acknowledged_before_slack_answers(
@@ -638,6 +866,40 @@ async def test_socket_mode_click_is_acknowledged_and_decides(
     await fake.wait_for("chat.update", lambda c: "Approved* by *bob* via Slack" in everything(c))
     async with aiohttp.ClientSession() as http, http.post(f"{held.gateway.base}/slack/events") as reply:
         assert reply.status in (404, 405)  # no public route in Socket Mode
+
+
+async def test_socket_mode_acks_and_drops_malformed_envelopes_and_keeps_working(
+    start_gateway: StartGateway, tmp_path: Path, fake: FakeSlack
+) -> None:
+    """Malformed payloads over Socket Mode are acked and decide nothing; the next good click still decides."""
+    held = await start_slack(start_gateway, tmp_path, fake, mode="socket")
+    socket = await fake.wait_connected()
+    async with held_call(held) as (call, pending):
+        await fake.wait_for("chat.postMessage")
+        await socket.send_str("not json")
+        await fake.push({"envelope_id": "env-list", "type": "interactive", "payload": [1]})
+        bad: tuple[dict[str, Any], ...] = (
+            {},
+            {"type": "block_actions", "actions": []},
+            {**block_actions(blocks.ACTION_APPROVE, pending.id), "user": 5},
+            {**block_actions(blocks.ACTION_APPROVE, pending.id), "team": "T0TEAM"},
+            {**block_actions(blocks.ACTION_APPROVE, pending.id), "user": {"id": "U0BOB", "team_id": 5}},
+            {**block_actions(blocks.ACTION_APPROVE, pending.id), "actions": [{"value": pending.id}]},
+        )
+        for n, payload in enumerate(bad):
+            await fake.push({"envelope_id": f"env-bad-{n}", "type": "interactive", "payload": payload})
+            await fake.wait_ack(f"env-bad-{n}")
+        await assert_still_pending(held, pending.id)
+        good = {
+            "envelope_id": "env-good",
+            "type": "interactive",
+            "payload": block_actions(blocks.ACTION_APPROVE, pending.id),
+        }
+        await fake.push(good)
+        await fake.wait_ack("env-good")
+        assert not (await asyncio.wait_for(call, WAIT)).is_error
+        await held.recorder.status("completed", pending.id)
+    assert fake.of("chat.postEphemeral") == []
 
 
 def test_request_back_for_review_shows_why_and_its_old_message_loses_its_buttons() -> None:

@@ -2,17 +2,18 @@
 
 ::
 
-    setup(app, settings, gatekeeper)
+    setup(app, settings, service)
       ├─ SlackChannel      a Channel: posts on "created", edits the message on every "updated"
-      ├─ bolt AsyncApp     signature check (401), ack within 3 s, the click and modal handlers
-      └─ mode "http":   POST /slack/events (events and interactivity on one route)
+      ├─ bolt AsyncApp     ack within 3 s, the click and modal handlers
+      └─ mode "http":   POST /slack/events: verified (401), parsed (400), then bolt
          mode "socket": Socket Mode over a WebSocket, for gateways without a public URL
 
-A click is acknowledged at once and worked on in a task of this channel. The clicking Slack user
-(and workspace, when ``[slack] team_id`` is set) must be a configured reviewer; anyone else — and
-the owner of the requesting agent — gets an ephemeral refusal and nothing is decided. A decision
-goes through ``ApprovalQueue.decide(channel="slack")``, the compare-and-set the API uses, so a
-click that loses a race is told who won. Deny opens a modal for the reason, which reaches the agent.
+A request is verified on its raw bytes before it is parsed (``slack_requests``). The clicking Slack
+user must be a configured reviewer, and when ``[slack] team_id`` is set every workspace the payload
+names must be that one; anyone else — and the owner of the requesting agent — gets an ephemeral
+refusal and nothing is decided. A decision goes through ``ApprovalQueue.decide(channel="slack")``,
+the compare-and-set the API uses, so a click that loses a race is told who won. Deny opens a modal
+for the reason, which reaches the agent.
 
 Whichever channel decides, the queue announces it and the message is edited to show who decided,
 when and why. Where each message is (channel and ts) is kept in the store, so a restarted gateway
@@ -28,23 +29,29 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.context.ack.async_ack import AsyncAck
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_sdk.socket_mode.aiohttp import SocketModeClient
+from slack_sdk.socket_mode.request import SocketModeRequest
+from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
-from approvals.channels import Change
+from approvals.channels import ChangeKind
 from approvals.channels import slack_blocks as blocks
+from approvals.channels import slack_requests as requests
 from approvals.channels.slack_api import Retry, SlackApi, SlackCallFailed
 from approvals.config import Principal, Settings, SlackSettings
-from approvals.gatekeeper import Gatekeeper
-from approvals.queue import ApprovalQueue, DecisionError, KeyedLock
-from approvals.store import StoreError
-from approvals.store.records import Approval
+from approvals.core.model import Approval
+from approvals.core.service import ApprovalService
+from approvals.errors import DecisionRefused, StoreError
+from approvals.keyed_lock import KeyedLock
 
 __all__ = ["SLACK_CHANNEL", "Retry", "SlackApi", "SlackCallFailed", "SlackChannel", "setup"]
 
@@ -70,10 +77,10 @@ class SlackChannel:
     name = CHANNEL
 
     def __init__(
-        self, slack: SlackSettings, reviewers: tuple[Principal, ...], gatekeeper: Gatekeeper
+        self, slack: SlackSettings, reviewers: tuple[Principal, ...], service: ApprovalService
     ) -> None:
         self.slack = slack
-        self.gatekeeper = gatekeeper
+        self.service = service
         self.api = SlackApi(
             AsyncWebClient(token=slack.bot_token, base_url=_base_url(slack), retry_handlers=[])
         )
@@ -82,16 +89,9 @@ class SlackChannel:
         self._shown: dict[str, int] = {}  # approval id → version its message shows
         self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def queue(self) -> ApprovalQueue:
-        queue = self.gatekeeper.queue
-        if queue is None:
-            raise RuntimeError("the approval queue is not running")
-        return queue
-
     # ---- the message ----------------------------------------------------------------------------
 
-    async def announce(self, approval: Approval, change: Change) -> None:
+    async def announce(self, approval: Approval, change: ChangeKind) -> None:
         """Post a new request; edit its message on any other change. Raises SlackCallFailed."""
         # One approval's announcements run in order, so an edit never overtakes its post and
         # an older state never overwrites a newer one.
@@ -101,9 +101,9 @@ class SlackChannel:
             await self._refresh(approval.id)
 
     async def _post(self, approval: Approval) -> None:
-        store = self.queue.store
+        store = self.service.store
         earlier = _ref(await store.message_ref(approval.id, CHANNEL))
-        message = blocks.approval_message(approval, url=self.queue.url_of(approval.id), now=self._now())
+        message = blocks.approval_message(approval, url=self.service.url_of(approval.id), now=self._now())
         # A timeout may hide a post that did happen: the retry then posts twice. A duplicate
         # message beats a missing one; the ref points at the last, which is kept up to date.
         posted = await self.api.call(
@@ -117,19 +117,19 @@ class SlackChannel:
         await store.save_message_ref(approval.id, CHANNEL, json.dumps(ref))
         self._remember(approval.id, approval.version)
         if earlier is not None:  # it came back for review: the old message says where it went
-            old = blocks.superseded_message(approval, url=self.queue.url_of(approval.id), now=self._now())
+            old = blocks.superseded_message(approval, url=self.service.url_of(approval.id), now=self._now())
             await self.api.call("chat.update", **earlier, **old.as_kwargs())
 
     async def _refresh(self, approval_id: str) -> None:
         """Make the message show the record as it is now (it may have moved on since the announcement)."""
-        store = self.queue.store
+        store = self.service.store
         ref, approval = (
             _ref(await store.message_ref(approval_id, CHANNEL)),
             await store.get_approval(approval_id),
         )
         if ref is None or approval is None or self._shown.get(approval_id) == approval.version:
             return  # never posted (Slack was down: the inbox has it), or already showing this state
-        message = blocks.approval_message(approval, url=self.queue.url_of(approval_id), now=self._now())
+        message = blocks.approval_message(approval, url=self.service.url_of(approval_id), now=self._now())
         await self.api.call("chat.update", **ref, **message.as_kwargs())
         self._remember(approval_id, approval.version)
 
@@ -141,7 +141,7 @@ class SlackChannel:
             del self._shown[next(iter(self._shown))]
 
     def _now(self) -> float:
-        return self.gatekeeper.clock()
+        return self.service.clock()
 
     # ---- clicks ---------------------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ class SlackChannel:
         if reviewer is None:
             await self._tell(click, blocks.not_a_reviewer())
             return
-        approval = await self.queue.store.get_approval(click.approval_id)
+        approval = await self.service.store.get_approval(click.approval_id)
         if approval is None:
             await self._tell(click, blocks.unknown_approval())
         elif approval.owner == reviewer.name:
@@ -195,32 +195,28 @@ class SlackChannel:
 
     async def _decide(self, click: _Click, reviewer: Principal, *, approve: bool, reason: str | None) -> None:
         try:
-            await self.queue.decide(
+            await self.service.decide(
                 click.approval_id, reviewer, approve=approve, reason=reason, channel=CHANNEL
             )
         except StoreError:
             log.exception("Slack decision on approval %s not recorded", click.approval_id)
             await self._tell(click, blocks.not_recorded())
-        except DecisionError as exc:
-            if exc.status == 403 and exc.approval is not None:
+        except DecisionRefused as exc:
+            # Slack's answer to each kind of refusal: an ephemeral message to the clicker.
+            if exc.kind == "own_agent" and exc.approval is not None:
                 await self._tell(click, blocks.own_agent(exc.approval))
-            elif exc.status == 409 and exc.approval is not None:
+            elif exc.kind in ("already_decided", "expired") and exc.approval is not None:
                 await self._tell(click, blocks.already_decided(exc.approval))
             else:
                 await self._tell(click, blocks.unknown_approval())
-        # On success the queue announces the decision, and announce() edits the message.
+        # On success the decision is published on the change feed, and announce() edits the message.
 
     def _reviewer(self, body: Mapping[str, Any]) -> Principal | None:
         """The configured reviewer behind the clicking Slack user, or None."""
-        user = body.get("user")
-        user = user if isinstance(user, Mapping) else {}
-        if self.slack.team_id is not None:
-            team = body.get("team")
-            team_id = team.get("id") if isinstance(team, Mapping) else None
-            if (team_id or user.get("team_id")) != self.slack.team_id:
-                return None
-        user_id = user.get("id")
-        return self.reviewers.get(user_id) if isinstance(user_id, str) else None
+        if self.slack.team_id is not None and not _only_from(body, self.slack.team_id):
+            return None
+        user_id = _user_id(body)
+        return self.reviewers.get(user_id) if user_id is not None else None
 
     async def _tell(self, click: _Click, text: str) -> None:
         """An ephemeral answer to the clicking user only; a failure to tell is logged, nothing more."""
@@ -236,7 +232,7 @@ class SlackChannel:
         socket: AsyncSocketModeHandler | None = None
         connecting: asyncio.Task[None] | None = None
         if self.slack.mode == "socket":
-            socket = AsyncSocketModeHandler(app[BOLT], self.slack.app_token, web_client=self.api.client)
+            socket = _SocketHandler(app[BOLT], self.slack.app_token, web_client=self.api.client)
             # In the background: the gateway serves the API and the inbox while Slack is unreachable.
             connecting = asyncio.create_task(_logged(socket.connect_async()))  # type: ignore[no-untyped-call]
         yield
@@ -266,6 +262,27 @@ def _user_id(body: Mapping[str, Any]) -> str | None:
     user = body.get("user")
     user_id = user.get("id") if isinstance(user, Mapping) else None
     return user_id if isinstance(user_id, str) else None
+
+
+def _only_from(body: Mapping[str, Any], team_id: str) -> bool:
+    """Whether every workspace the payload names — and at least one — is `team_id`, in at most one org.
+
+    A Slack user id is unique only within its workspace (or Enterprise Grid org), so the clicking user
+    counts as a reviewer only when the payload shows no other workspace anywhere: the message's
+    (``team.id``), the user's own (``user.team_id``) and the modal's (``view.team_id``,
+    ``view.app_installed_team_id``). Two Enterprise Grid orgs named (``enterprise.id``,
+    ``user.enterprise_id``, ``team.enterprise_id``) are refused too. Fails closed.
+    """
+    team, user, view, org = (_object(body, key) for key in ("team", "user", "view", "enterprise"))
+    teams = [team.get("id"), user.get("team_id"), view.get("team_id"), view.get("app_installed_team_id")]
+    orgs = {org.get("id"), user.get("enterprise_id"), team.get("enterprise_id")} - {None}
+    named = [t for t in teams if t is not None]
+    return bool(named) and all(t == team_id for t in named) and len(orgs) <= 1
+
+
+def _object(body: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = body.get(key)
+    return value if isinstance(value, Mapping) else {}
 
 
 def _click(body: Mapping[str, Any]) -> _Click | None:
@@ -306,6 +323,8 @@ def build_bolt(channel: SlackChannel) -> AsyncApp:
         # A client without a token: bolt's own calls get the token from authorize; ours use channel.api.
         client=AsyncWebClient(base_url=_base_url(slack), retry_handlers=[]),
         signing_secret=slack.signing_secret,
+        # slack_events verifies on the raw bytes before anything is parsed; bolt's check decodes first.
+        request_verification_enabled=False,
         authorize=authorize,
         process_before_response=False,  # ack first; Slack wants an answer within 3 s
         logger=logging.getLogger(f"{__name__}.bolt"),
@@ -334,20 +353,45 @@ BOLT = web.AppKey("slack_bolt", AsyncApp)
 
 
 async def slack_events(request: web.Request) -> web.Response:
-    """POST /slack/events: a forged or stale signature is 401 and reaches no handler."""
-    response = await request.app[BOLT].async_dispatch(await to_bolt_request(request))
-    return await to_aiohttp_response(response)
+    """POST /slack/events: verified on the raw bytes first (401), then parsed (400), then bolt."""
+    channel = request.app[SLACK_CHANNEL]
+    try:
+        body = await requests.read_body(request)
+        requests.verify(channel.slack.signing_secret, request.headers, body, now=channel.service.clock())
+        payload = requests.parse(body, request.content_type)
+    except requests.SlackRequestError as exc:
+        return web.json_response({"error": exc.message}, status=exc.status)
+    # Bolt gets the checked fields only (it reads the raw form, so they are encoded again).
+    bolt_request = AsyncBoltRequest(
+        body=urlencode({"payload": json.dumps(payload)}),
+        query=request.query_string,
+        headers=dict(request.headers),
+    )
+    return await to_aiohttp_response(await request.app[BOLT].async_dispatch(bolt_request))
 
 
-def setup(app: web.Application, settings: Settings, gatekeeper: Gatekeeper) -> None:
-    """Register the Slack channel on the gatekeeper, and mount POST /slack/events or Socket Mode."""
-    if settings.slack is None:
-        return
-    channel = SlackChannel(settings.slack, settings.reviewers, gatekeeper)
-    gatekeeper.channel_list.append(channel)
+class _SocketHandler(AsyncSocketModeHandler):
+    """Socket Mode with the payload check of the HTTP route: a malformed envelope is acked and dropped."""
+
+    async def handle(self, client: SocketModeClient, req: SocketModeRequest) -> None:  # type: ignore[override]
+        try:
+            req.payload = requests.interaction(req.payload)
+        except requests.SlackRequestError as exc:
+            # Acked, or Slack would deliver it again; there is no one to answer but the log.
+            log.warning("ignoring a malformed Socket Mode envelope %s: %s", req.envelope_id, exc.message)
+            await client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
+            return
+        await super().handle(client, req)
+
+
+def setup(app: web.Application, settings: Settings, service: ApprovalService) -> SlackChannel:
+    """Mount POST /slack/events or Socket Mode; the channel is returned, to be told of changes."""
+    assert settings.slack is not None, "setup() is for a gateway with [slack]"
+    channel = SlackChannel(settings.slack, settings.reviewers, service)
     app[SLACK_CHANNEL] = channel
     app[BOLT] = build_bolt(channel)
     if settings.slack.mode == "http":
         # Socket Mode needs no public route, so none is mounted there.
         app.router.add_post("/slack/events", slack_events)
     app.cleanup_ctx.append(channel.lifetime)
+    return channel
