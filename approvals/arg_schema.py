@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from jsonschema import exceptions, validators
 
-from approvals.store.records import sha256_of
+from approvals.core.model import sha256_of
 
 log = logging.getLogger(__name__)
 

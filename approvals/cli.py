@@ -35,11 +35,12 @@ from approvals.config import (
     served_url,
     sha256_hex,
 )
+from approvals.core.model import STATUSES
 from approvals.errors import ConfigError
-from approvals.gatekeeper import build_gate, check_policies
-from approvals.store.records import STATUSES
+from approvals.gatekeeper import check_policies
 from approvals.web.app import create_app
 from approvals.web.inbox_auth import LINK_SECONDS, InboxAuth
+from approvals.web.keys import GATEKEEPER
 from approvals.web.origin import LOOPBACK_NAMES
 
 DEFAULT_CONFIG = Path("config/gateway.toml")
@@ -319,10 +320,10 @@ async def _serve(settings: Settings, dev_tokens: dict[str, str]) -> int:
         return 1
     port = sockets[0].getsockname()[1]
     settings = _as_served(settings, port)
-    gate = build_gate(settings)
-    app = create_app(settings, gate)
+    app = await create_app(settings)
+    policies = app[GATEKEEPER].policies
     # SIGHUP: re-read every policy file now (edits are also picked up within a second on their own).
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gate.policies.reload_async()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(policies.reload_async()))
     # aiohttp gives in-flight requests `shutdown_timeout` to finish, then as long again once
     # cancelled: half each keeps the whole shutdown within the grace the log line promises.
     runner = web.AppRunner(

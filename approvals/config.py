@@ -64,6 +64,9 @@ class ServerSettings:
     # Per session: the bytes of messages kept for a client stream that is not open, and the most
     # a GET stream may fall behind before it is ended (the client reconnects and gets what is kept).
     max_backlog_bytes: int = 4 * 1024 * 1024
+    # Undocumented, for the A/B benchmark: which HTTP client POSTs to Streamable HTTP upstreams,
+    # the gateway's own (proxy/http1.py) or aiohttp's.
+    upstream_client: str = "http1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,7 @@ class ApprovalSettings:
     max_holds_per_approval: int = 16
 
 
+UPSTREAM_CLIENTS = ("http1", "aiohttp")  # [server] upstream_client
 DEFAULT_CALL_TIMEOUT = 300.0  # seconds: [upstreams.NAME] call_timeout
 
 
@@ -261,7 +265,7 @@ def _string_table(value: Any) -> dict[str, str]:
 def _read_server(r: _Reader, data: Mapping[str, Any]) -> ServerSettings:
     known = {"host", "port", "public_url", "allowed_hosts", "max_body_bytes", "session_idle"}
     known |= {"abandoned_session_idle", "max_sessions", "max_sessions_per_grant", "read_timeout"}
-    known |= {"max_backlog_bytes"}
+    known |= {"max_backlog_bytes", "upstream_client"}
     t = r.table(data, "", "server", known)
     d = ServerSettings()
     port = r.get(t, "server", "port", d.port, _port)
@@ -290,7 +294,14 @@ def _read_server(r: _Reader, data: Mapping[str, Any]) -> ServerSettings:
         ),
         read_timeout_seconds=r.get(t, "server", "read_timeout", d.read_timeout_seconds, _seconds),
         max_backlog_bytes=r.get(t, "server", "max_backlog_bytes", d.max_backlog_bytes, _positive_int),
+        upstream_client=r.get(t, "server", "upstream_client", d.upstream_client, _upstream_client),
     )
+
+
+def _upstream_client(value: Any) -> str:
+    if value not in UPSTREAM_CLIENTS:
+        raise ValueError(f"must be one of {', '.join(map(repr, UPSTREAM_CLIENTS))} (got {value!r})")
+    return str(value)
 
 
 def served_url(host: str, port: int) -> str:

@@ -1,7 +1,8 @@
 """Durations as written in config and policy files: "30s", "15m", "2h", "1d", "1.5h" or bare seconds.
 
-Pure helpers; `parse_duration` raises `ValueError` whose message reads well after a field path
-("approval.timeout: must be a duration like ...").
+Pure; `parse_duration` raises `ValueError` whose message reads well after a field path
+("approval.timeout: must be a duration like ..."). Durations are written back for people by
+approvals.core.render.duration, in a form this parses again.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import re
 _PATTERN = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _HINT = 'must be a duration like "30s", "15m", "2h" or "1d"'
-# Largest unit first, so 7200 s reads "2 h" rather than "120 min".
-_DISPLAY_UNITS = (("d", 86400.0), ("h", 3600.0), ("min", 60.0))
 
 
 def parse_duration(text: int | float | str) -> float:
@@ -40,16 +39,3 @@ def parse_duration(text: int | float | str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"must be a finite duration greater than 0 (got {json.dumps(text)})")
     return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """A short human form of `seconds`: "23 s", "10 min", "1.5 h", "2 d" (one decimal at most)."""
-    for unit, size in _DISPLAY_UNITS:
-        if abs(seconds) >= size:
-            return f"{_trim(seconds / size)} {unit}"
-    return f"{_trim(seconds)} s"
-
-
-def _trim(amount: float) -> str:
-    text = f"{amount:.1f}"
-    return text.removesuffix(".0")

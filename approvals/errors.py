@@ -3,10 +3,14 @@
     ApprovalsError
     ├── ConfigError        config file or policy invalid; carries every issue with its path
     ├── ProtocolError      a client sent something MCP / JSON-RPC does not allow; carries the
-    │                      JSON-RPC error code and the HTTP status to answer with
+    │   │                  JSON-RPC error code and the HTTP status to answer with
+    │   ├── EnvelopeError  (approvals.jsonrpc) not one well-formed JSON-RPC message
+    │   └── JsonInputError (approvals.jsonrpc) JSON past the gateway's bounds (depth, numbers)
     ├── UpstreamError      the upstream MCP server could not be reached, died or answered badly
     ├── PolicyError        (approvals.policy) a policy file is invalid; carries every issue
-    └── StoreError         (approvals.store) the database failed; nothing was decided or released
+    ├── StoreError         the database failed; nothing was decided or released
+    └── DecisionRefused    a reviewer's decision that cannot be taken; carries a kind (unknown,
+                           own agent, not a reviewer, already decided, expired), never a status
 
 Errors are turned into HTTP responses and JSON-RPC errors in one place,
 `approvals.proxy.handlers`; the CLI turns `ConfigError` into its printed list.
@@ -16,6 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from approvals.core.model import Approval
 
 
 class ApprovalsError(Exception):
@@ -46,12 +54,34 @@ class ConfigError(ApprovalsError):
 class ProtocolError(ApprovalsError):
     """A request breaks the MCP / JSON-RPC rules. Answered with `code` at HTTP `status`."""
 
-    def __init__(self, code: int, message: str, *, status: int = 400) -> None:
+    def __init__(
+        self, code: int, message: str, *, status: int = 400, request_id: str | int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.request_id = request_id  # the request's own id, when it could be read
 
 
 class UpstreamError(ApprovalsError):
     """The upstream MCP server is unreachable, died, or broke the protocol."""
+
+
+class StoreError(ApprovalsError):
+    """The backing database failed or is unusable; the operation did not happen."""
+
+
+RefusalKind = Literal["unknown", "own_agent", "not_reviewer", "already_decided", "expired"]
+
+
+class DecisionRefused(ApprovalsError):
+    """A decision that cannot be taken, and why (`kind`); `approval` is the record as it stands.
+
+    Each edge maps the kind to its own answer in one place: the API to an HTTP status, Slack to
+    an ephemeral message, the CLI to its exit code."""
+
+    def __init__(self, kind: RefusalKind, message: str, approval: Approval | None = None) -> None:
+        super().__init__(message)
+        self.kind: RefusalKind = kind
+        self.approval = approval

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from approvals.errors import ProtocolError
+
 JsonObject = dict[str, Any]
 RequestId = str | int
 
@@ -34,13 +36,13 @@ ASSUMED_VERSION = "2025-03-26"
 Kind = Literal["request", "notification", "response"]
 
 
-class EnvelopeError(ValueError):
-    """The bytes are not one well-formed JSON-RPC message; `code` is the JSON-RPC error code."""
+class EnvelopeError(ProtocolError, ValueError):
+    """The bytes are not one well-formed JSON-RPC message; `code` is the JSON-RPC error code.
+
+    A ValueError too: decoding code catches it as the bad value it is."""
 
     def __init__(self, code: int, message: str, request_id: RequestId | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.request_id = request_id
+        super().__init__(code, message, request_id=request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +113,11 @@ MAX_JSON_DEPTH = 64
 MAX_JSON_NUMBER = sys.float_info.max
 
 
-class JsonInputError(ValueError):
+class JsonInputError(ProtocolError, ValueError):
     """The text is JSON Python could decode, but not JSON the gateway accepts (depth, numbers)."""
 
     def __init__(self, message: str, code: int = PARSE_ERROR, value: object = None) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(code, message)
         self.value = value  # for an out-of-range number: the text decoded leniently, if it can be
 
 

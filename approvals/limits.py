@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from approvals.core.ports import CounterStore
 from approvals.policy import (
     MAX_COUNT,
     MAX_WINDOW_SECONDS,
@@ -33,7 +34,6 @@ from approvals.policy import (
     window_seconds,
     window_text,
 )
-from approvals.store import CounterStore
 
 __all__ = ["LimitRefusal", "RateLimiter", "Reservation", "scope_key", "window_start"]
 
@@ -132,7 +132,23 @@ class RateLimiter:
                 await task
         await self.flush()
 
-    def reserve(
+    async def reserve(
+        self,
+        limits: Sequence[Limit],
+        *,
+        grant: str,
+        session: str,
+        arguments: Mapping[str, object],
+        now: float,
+    ) -> Reservation | LimitRefusal:
+        """The `Counters` port: :meth:`reserve_now` (async, so a shared database may back it)."""
+        return self.reserve_now(limits, grant=grant, session=session, arguments=arguments, now=now)
+
+    async def rollback(self, reservation: Reservation) -> None:
+        """The `Counters` port: :meth:`rollback_now`."""
+        self.rollback_now(reservation)
+
+    def reserve_now(
         self,
         limits: Sequence[Limit],
         *,
@@ -184,7 +200,7 @@ class RateLimiter:
                 refusal = found
         return refusal
 
-    def rollback(self, reservation: Reservation) -> None:
+    def rollback_now(self, reservation: Reservation) -> None:
         """Take back exactly what ``reservation`` added (a window already ended is left alone)."""
         counts = self._counts
         for counter, key_scope, start, amount in reservation.entries:

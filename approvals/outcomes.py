@@ -2,7 +2,8 @@
 
 Every answer is a `CallToolResult` with `isError: true` and machine-readable fields under
 `_meta.approvals` (code, approval_id, status, and what else applies), except a released call's
-outcome, which is the upstream's own response, untouched.
+outcome, which is the upstream's own response, untouched. Durations and who decided are worded
+by approvals.core.render, as every channel words them.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 
-from approvals.durations import format_duration
+from approvals.core import render
+from approvals.core.model import Approval
 from approvals.jsonrpc import JsonObject, tool_error
 from approvals.limits import LimitRefusal
 from approvals.policy import Decision
-from approvals.store.records import Approval
 
 META_KEY = "approvals"
 
@@ -51,22 +52,22 @@ def pending_result(approval: Approval, now: float, url: str) -> JsonObject:
     )
     if approval.status == "released":
         text = (
-            f"Approved by {approval.decided_by or 'a reviewer'}: the call to {approval.tool} was sent to the "
+            f"Approved by {render.decider(approval)}: the call to {approval.tool} was sent to the "
             f"server (request {approval.id}) and its answer has not arrived yet. It will not be sent again. "
             + again
         )
         return tool_error(text, _meta(approval, "approval_released", url=url))
     if approval.status == "approved":
         text = (
-            f"Approved by {approval.decided_by or 'a reviewer'}: the call to {approval.tool} (request "
+            f"Approved by {render.decider(approval)}: the call to {approval.tool} (request "
             f"{approval.id}) is about to be sent, once its rate limits allow; it has not been made yet. "
             + again
         )
         return tool_error(text, _meta(approval, "approval_approved", url=url))
-    left = format_duration(max(approval.expires_at - now, 0))
+    left = render.expires_in(approval.expires_at, now)
     text = (
         f"Approval pending: calling {approval.tool} needs a reviewer's approval (request {approval.id}, "
-        f"expires in {left}). Reviewers have been asked; the request is at {url}. "
+        f"expires {left}). Reviewers have been asked; the request is at {url}. "
         "The call has not been made. "
         f"To get the outcome, call {approval.tool} again later with exactly the same arguments: while the "
         "request is pending the call waits for it again, and once it is decided you receive the tool's "
@@ -79,7 +80,7 @@ def upstream_timeout(approval: Approval, seconds: float) -> JsonObject:
     """The outcome of a released call whose upstream did not answer in time (kept for the agent)."""
     text = (
         f"The call to {approval.tool} was approved and sent to the server, but no answer came within "
-        f"{format_duration(seconds)}. It was not sent again, so that it cannot run twice: check with the "
+        f"{render.duration(seconds)}. It was not sent again, so that it cannot run twice: check with the "
         "user whether it took effect."
     )
     return {"result": tool_error(text, _meta(approval, "upstream_timeout", timeout_seconds=seconds))}
@@ -91,8 +92,7 @@ def waiting_status(approval: Approval, now: float) -> str:
         return f"Approved; sending the call once its rate limits allow ({approval.id[:8]}…)"
     if approval.status == "released":
         return f"Approved and sent; waiting for the server's answer ({approval.id[:8]}…)"
-    left = format_duration(max(approval.expires_at - now, 0))
-    return f"Waiting for approval {approval.id[:8]}… — expires in {left}"
+    return f"Waiting for approval {approval.id[:8]}… — expires {render.expires_in(approval.expires_at, now)}"
 
 
 def too_many_pending(limit: int) -> JsonObject:
@@ -112,14 +112,20 @@ def final_outcome(approval: Approval) -> JsonObject:
 
 
 def _final_result(approval: Approval) -> JsonObject:
-    who = approval.decided_by or "a reviewer"
     reason = f" Reason: {approval.reason}" if approval.reason else ""
     if approval.status == "denied":
-        text = f"Denied by {who}: the call to {approval.tool} was not made.{reason}"
+        text = f"Denied by {render.decider(approval)}: the call to {approval.tool} was not made.{reason}"
+        who = approval.decided_by or "a reviewer"
         return tool_error(text, _meta(approval, "denied_by_reviewer", decided_by=who, reason=approval.reason))
     if approval.status == "expired":
+        # Approved, then expired waiting for room under a rate limit: it was decided, never sent.
+        how = (
+            f"was approved by {render.decider(approval)} but expired before it could be sent"
+            if approval.decided_by
+            else "expired without a decision"
+        )
         text = (
-            f"The approval request {approval.id} for {approval.tool} expired without a decision; the call "
+            f"The approval request {approval.id} for {approval.tool} {how}; the call "
             f"was not made.{reason} Ask the user before trying again."
         )
         return tool_error(text, _meta(approval, "approval_expired", reason=approval.reason))

@@ -8,21 +8,20 @@ decides either.
 from __future__ import annotations
 
 import datetime
-import json
 import sys
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
-from approvals.durations import format_duration
-from approvals.web.inbox_format import visible
+from approvals.core import render
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 ID_LENGTH = 32  # an approval id is a uuid4 in hex: anything this long is taken as a whole id
 PAGE = 500  # the API's largest page
 MAX_SCANNED = 100_000  # approvals read to prove a prefix unique before asking for the whole id
 MAX_CANDIDATES = 10  # ids listed when a prefix is ambiguous
+ARGUMENTS_WIDTH = 60  # the table's last column: a preview, as in the inbox's list
 EXIT_FAILED = 1
 EXIT_AMBIGUOUS = 2  # a usage error, as argparse's: the command was not specific enough
 
@@ -72,10 +71,6 @@ async def _request(
     return data
 
 
-def _age(seconds: float) -> str:
-    return format_duration(max(seconds, 0))
-
-
 def render_table(approvals: list[dict[str, Any]], now: float) -> str:
     """The approvals as a fixed-width table, one line each (arguments shortened)."""
     if not approvals:
@@ -84,14 +79,12 @@ def render_table(approvals: list[dict[str, Any]], now: float) -> str:
         ("ID", "STATUS", "UPSTREAM", "TOOL", "AGENT", "AGE", "EXPIRES IN", "ARGUMENTS")
     ]
     for a in approvals:
-        args = json.dumps(a["arguments"], ensure_ascii=False)
-        expires = _age(a["expires_at"] - now) if a["status"] in ("pending", "approved") else "-"
-        # Shortened before marking, so a ⟦U+202E⟧ marker is never cut in half.
-        args = args if len(args) <= 60 else args[:57] + "..."
+        expires = render.span(a["expires_at"] - now) if a["status"] in ("pending", "approved") else "-"
         cells = (a["id"], a["status"], a["upstream"], a["tool"], a["grant"])
         # Untrusted text (tool names and arguments come from agents) could carry a right-to-left
         # override that makes `invoice_\u202egnp.exe` read `invoice_exe.png`: shown as markers.
-        rows.append((*map(visible, cells), _age(now - a["created_at"]), expires, visible(args)))
+        summary = render.summary(a["arguments"], ARGUMENTS_WIDTH)
+        rows.append((*map(render.visible, cells), render.span(now - a["created_at"]), expires, summary))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = [
         "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
@@ -149,10 +142,11 @@ async def decide(url: str, token: str, approval_id: str, approve: bool, reason: 
     # Quoted whole: an id like "X/deny?" must not turn an approve into another request.
     path = f"/api/approvals/{quote(approval_id, safe='')}/{verb}"
     data = await _call(url, token, "POST", path, {"reason": reason})
-    return f"{data['id']}: {data['status']} by {data['decided_by']}" + (f" ({reason})" if reason else "")
+    decided = f"{data['id']}: {render.decided(data['status'])} by {data['decided_by']}"
+    return render.visible(decided + (f" ({reason})" if reason else ""))
 
 
 def fail(message: str, status: int = EXIT_FAILED) -> None:
     # The gateway's messages can quote what an agent sent: hidden characters are shown as markers.
-    print(f"error: {visible(message)}", file=sys.stderr)
+    print(f"error: {render.visible(message)}", file=sys.stderr)
     sys.exit(status)

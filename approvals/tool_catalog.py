@@ -8,9 +8,9 @@ import logging
 from collections.abc import Mapping
 
 from approvals.arg_schema import ArgumentProblem, SchemaCache, ToolSchema
+from approvals.core.model import canonical_json, sha256_of
+from approvals.core.ports import UpstreamCaller
 from approvals.jsonrpc import JsonObject
-from approvals.proxy.gate import UpstreamCaller
-from approvals.store.records import canonical_json, sha256_of
 
 log = logging.getLogger(__name__)
 

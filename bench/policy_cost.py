@@ -72,11 +72,11 @@ def main() -> None:
     roomy = [Limit(limit.counter, limit.window, 1e12, limit.scope) for limit in limits]
 
     def reserve_and_roll_back() -> None:
-        reserved = limiter.reserve(roomy, grant="g", session="s", arguments={}, now=1e9)
-        limiter.rollback(reserved)  # type: ignore[arg-type]
+        reserved = limiter.reserve_now(roomy, grant="g", session="s", arguments={}, now=1e9)
+        limiter.rollback_now(reserved)  # type: ignore[arg-type]
 
     print(f"limits.reserve + rollback, two limits        {microseconds(reserve_and_roll_back):6.2f} µs")
-    no_limits = microseconds(lambda: limiter.reserve((), grant="g", session="s", arguments={}, now=1e9))
+    no_limits = microseconds(lambda: limiter.reserve_now((), grant="g", session="s", arguments={}, now=1e9))
     print(f"limits.reserve, no limits                    {no_limits:6.2f} µs")
 
 

@@ -50,6 +50,7 @@ APPROVALS = str(Path(sys.executable).parent / "approvals")
 FASTMCP_REQUIREMENT = "fastmcp==4.1.2"
 MCP_PROXY_REQUIREMENT = "mcp-proxy==0.13.0"
 START_TIMEOUT = 60.0
+UPSTREAM_CLIENTS = ["http1", "aiohttp"]  # approvals.config.UPSTREAM_CLIENTS
 SIGN_OF_LIFE_SECONDS = 5.0  # approvals.proxy.hold: a held stream writes something this often
 T = TypeVar("T")
 
@@ -636,13 +637,43 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="record the gateway with py-spy (pip install py-spy)"
     )
+    parser.add_argument(
+        "--upstream-client",
+        choices=UPSTREAM_CLIENTS,
+        default="http1",
+        help="the gateway's client for its POSTs to the upstream ([server] upstream_client; default http1)",
+    )
+    parser.add_argument(
+        "--ab",
+        action="store_true",
+        help="also run a gateway with the other upstream client, in the same interleaved rounds",
+    )
     return parser.parse_args()
+
+
+def start_gateway(
+    procs: Processes, target: str, client: str, env: dict[str, str], suffix: str = ""
+) -> Target:
+    """A gateway on bench/config/gateway.toml with `client` for its upstream POSTs (--ab runs two:
+    the second's config, store and log are named with `suffix`)."""
+    text = (BENCH / "config" / "gateway.toml").read_text()
+    for old, new in (
+        ('upstream_client = "http1"', f'upstream_client = "{client}"'),
+        ('path = "approvals.db"', f'path = "approvals{suffix}.db"'),
+    ):
+        assert text.count(old) == 1, f"bench/config/gateway.toml has no line {old!r}"
+        text = text.replace(old, new)
+    config = procs.workdir / f"gateway{suffix}.toml"
+    config.write_text(text)
+    command = [APPROVALS, "serve", "--config", str(config), "--port", "0"]
+    process = procs.start(f"gateway{suffix}", command, env)
+    port = int(read_line(process, "approvals gateway listening on").rsplit(":", 1)[1])
+    return Target(target, f"http://127.0.0.1:{port}/mcp/bench", [process.pid], env["BENCH_AGENT_TOKEN"])
 
 
 async def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     workdir = procs.workdir
-    for name in ("gateway.toml", "policy.json"):
-        shutil.copy(BENCH / "config" / name, workdir / name)
+    shutil.copy(BENCH / "config" / "policy.json", workdir / "policy.json")
     names = args.only or ["direct", "approvals", "fastmcp", "mcp-proxy"]
     agent_token, reviewer_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
 
@@ -654,14 +685,15 @@ async def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         "BENCH_AGENT_TOKEN": agent_token,
         "BENCH_REVIEWER_TOKEN": reviewer_token,
     }
-    gateway_proc = procs.start(
-        "gateway", [APPROVALS, "serve", "--config", str(workdir / "gateway.toml"), "--port", "0"], env
-    )
-    gateway_port = int(read_line(gateway_proc, "approvals gateway listening on").rsplit(":", 1)[1])
-    gateway_base = f"http://127.0.0.1:{gateway_port}"
-    gateway = Target("approvals", f"{gateway_base}/mcp/bench", [gateway_proc.pid], agent_token)
+    gateway = start_gateway(procs, "approvals", args.upstream_client, env)
+    gateway_pid = gateway.pids[0]
+    gateway_base = gateway.url.removesuffix("/mcp/bench")
     targets = {"direct": Target("direct", upstream_url, [upstream.pid])}
     targets["approvals"] = gateway
+    if args.ab and "approvals" in names:
+        other = next(c for c in UPSTREAM_CLIENTS if c != args.upstream_client)
+        targets["approvals-ab"] = start_gateway(procs, f"approvals-{other}", other, env, f"-{other}")
+        names = [*names, "approvals-ab"]
     if "fastmcp" in names:
         venv = ensure_venv("fastmcp", FASTMCP_REQUIREMENT)
         proc = procs.start(
@@ -688,7 +720,8 @@ async def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         proc = procs.start("mcp-proxy", outer)
         wait_port(port)
         targets["mcp-proxy"] = Target("mcp-proxy", f"http://127.0.0.1:{port}/mcp", [proc.pid])
-    chosen = [targets[n] for n in ["direct", "approvals", "fastmcp", "mcp-proxy"] if n in names]
+    order = ["direct", "approvals", "approvals-ab", "fastmcp", "mcp-proxy"]
+    chosen = [targets[n] for n in order if n in names]
 
     results: dict[str, Any] = {
         "machine": machine(),
@@ -702,7 +735,7 @@ async def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
                 str(Path(PYTHON).parent / "py-spy"),
                 "record",
                 "--pid",
-                str(gateway_proc.pid),
+                str(gateway_pid),
                 "--format",
                 "raw",
                 "--rate",
@@ -745,9 +778,8 @@ def main() -> None:
         results = asyncio.run(run(args, procs))
     finally:
         procs.stop()
-        (workdir / "approvals.db").unlink(missing_ok=True)
-        for suffix in ("-wal", "-shm"):
-            (workdir / f"approvals.db{suffix}").unlink(missing_ok=True)
+        for store in workdir.glob("approvals*.db*"):
+            store.unlink(missing_ok=True)
     text = report(results, args.clients)
     (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (workdir / "table.md").write_text(text + "\n")

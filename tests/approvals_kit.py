@@ -12,10 +12,11 @@ from typing import Any
 
 import aiohttp
 
-from approvals.channels import Change
+from approvals.channels import ChangeKind, kind_of
+from approvals.core.model import Approval
+from approvals.core.ports import ChangeFeed
 from approvals.gatekeeper import Gatekeeper
-from approvals.store.records import Approval
-from tests.conftest import BOB_TOKEN, DEMO_COMMAND, WAIT, Running, StartGateway, settings_for
+from tests.conftest import BOB_TOKEN, DEMO_COMMAND, WAIT, Running, StartGateway
 
 HELD_POLICY = {
     "version": "1",
@@ -29,15 +30,30 @@ HELD_POLICY = {
 
 
 class Recorder:
-    """A channel that lets a test wait, without polling, for what the queue announces."""
+    """Follows the change feed (as the gateway's own channels do) and lets a test wait on what it
+    saw, without polling."""
 
     name = "test-recorder"
 
     def __init__(self) -> None:
-        self.seen: list[tuple[Change, Approval]] = []
+        self.seen: list[tuple[ChangeKind, Approval]] = []
         self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
 
-    async def announce(self, approval: Approval, change: Change) -> None:
+    @classmethod
+    def following(cls, feed: ChangeFeed) -> Recorder:
+        """A recorder of every change on `feed` from now on (it stops when the feed closes)."""
+        recorder = cls()
+        listener = feed.listen()
+
+        async def follow() -> None:
+            async for change in listener:
+                await recorder.announce(change.approval, kind_of(change))
+
+        recorder._task = asyncio.create_task(follow())
+        return recorder
+
+    async def announce(self, approval: Approval, change: ChangeKind) -> None:
         async with self._changed:
             self.seen.append((change, approval))
             self._changed.notify_all()
@@ -111,8 +127,6 @@ async def start_held(
         }
     }
     extra = {"approvals": {"hold_seconds": 10, **(approvals or {})}}
-    gate = Gatekeeper(settings_for(tmp_path, upstreams, env, **extra), **gatekeeper)
-    recorder = Recorder()
-    gate.channel_list.append(recorder)
-    running = await start_gateway(upstreams, gate=gate, env=env, **extra)
-    return Held(running, gate, recorder, outbox)
+    running = await start_gateway(upstreams, env=env, **gatekeeper, **extra)
+    recorder = Recorder.following(running.service.feed)
+    return Held(running, running.gatekeeper, recorder, outbox)

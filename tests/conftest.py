@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,8 +19,12 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from approvals.config import Settings, parse_settings, sha256_hex
+from approvals.core.service import ApprovalService
+from approvals.gatekeeper import Gatekeeper
+from approvals.policy_files import WATCH_INTERVAL_SECONDS
 from approvals.proxy.gate import Gate
 from approvals.web.app import create_app
+from approvals.web.keys import GATEKEEPER, SERVICE
 from tests.upstreams import start_everything
 
 TOKEN_A = "agent-a-token-0123456789abcdef"
@@ -61,6 +66,14 @@ class Running:
     server: TestServer
     app: web.Application
 
+    @property
+    def gatekeeper(self) -> Gatekeeper:
+        return self.app[GATEKEEPER]
+
+    @property
+    def service(self) -> ApprovalService:
+        return self.app[SERVICE]
+
     def url(self, upstream: str) -> str:
         return str(self.server.make_url(f"/mcp/{upstream}"))
 
@@ -74,17 +87,20 @@ StartGateway = Callable[..., Awaitable[Running]]
 
 @pytest.fixture
 async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
-    """`await start_gateway(upstreams, gate=None, **settings)`: a gateway on port 0, stopped at the end."""
+    """`await start_gateway(upstreams, gate=None, env=None, clock=…, **settings)`: a gateway on port 0,
+    stopped at the end."""
     servers: list[TestServer] = []
 
     async def start(
         upstreams: dict[str, dict[str, Any]],
         gate: Gate | None = None,
         env: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+        watch_interval: float = WATCH_INTERVAL_SECONDS,
         **extra: Any,
     ) -> Running:
         settings = settings_for(tmp_path, upstreams, env, **extra)
-        app = create_app(settings, gate)
+        app = await create_app(settings, gate, clock=clock, watch_interval=watch_interval)
         server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
         servers.append(server)

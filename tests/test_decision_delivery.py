@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 import approvals.proxy.hold
-from approvals.web.keys import GATEWAY
+from approvals.proxy.keys import GATEWAY
 from tests.approvals_kit import Held, start_held
 from tests.conftest import PROBE_COMMAND, TOKEN_A, WAIT, StartGateway, mcp_client
 from tests.rawmcp import RawSession
@@ -124,8 +124,9 @@ async def test_identical_concurrent_calls_from_many_sessions_open_one_request(
 async def test_a_release_the_upstream_never_answers_fails_with_timeout(
     start_gateway: StartGateway, tmp_path: Path
 ) -> None:
-    """An approved call whose upstream never answers ends failed/timeout after call_timeout, and the
-    agent's repeat call is told it was sent, not that it "has not been made"."""
+    """An approved call whose upstream never answers ends failed/timeout after call_timeout, the
+    upstream is told to cancel it, and the agent's repeat call is told it was sent, not that it
+    "has not been made"."""
     policy = {"version": "1", "default": "allow", "tools": {"block": {"action": "require_approval"}}}
     held = await start_held(
         start_gateway,
@@ -142,6 +143,9 @@ async def test_a_release_the_upstream_never_answers_fails_with_timeout(
         failed = await held.recorder.status("failed", approval_id)
         assert failed.reason == "timeout"
         again = await asyncio.wait_for(client.call_tool("block", {"key": "never"}), WAIT)
+        # The upstream was told the gateway stopped waiting: its work was cancelled, not left running.
+        mark = await client.call_tool("await_mark", {"key": "never", "mark": "cancelled"})
+        assert mark.content[0].text == "cancelled"  # type: ignore[union-attr]
     meta = _meta(again)
     assert meta["code"] == "upstream_timeout"
     assert json.loads(failed.result_json or "{}")["result"]["isError"] is True

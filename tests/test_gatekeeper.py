@@ -15,7 +15,6 @@ from mcp.shared.exceptions import MCPError
 from approvals import arg_schema
 from approvals.config import load_settings
 from approvals.errors import ConfigError
-from approvals.gatekeeper import Gatekeeper
 from approvals.policy_files import check_policies
 from approvals.tool_catalog import ToolCatalog
 from tests.conftest import DEMO_COMMAND, TOKEN_B, StartGateway, mcp_client, settings_for
@@ -47,8 +46,8 @@ async def _gateway_with_policy(
 ) -> Any:
     (tmp_path / "policy.json").write_text(json.dumps(policy))
     upstreams = {"up": {"command": command, "policy": "policy.json"}}
-    gate = Gatekeeper(settings_for(tmp_path, upstreams), clock=lambda: NOW, **gatekeeper)
-    return await start_gateway(upstreams, gate=gate), gate
+    gw = await start_gateway(upstreams, clock=lambda: NOW, **gatekeeper)
+    return gw, gw.gatekeeper
 
 
 async def test_seed_policy_caps_generate_image_per_grant_and_denies_the_rest(
@@ -203,8 +202,7 @@ async def test_modelscope_example_offline(start_gateway: StartGateway, tmp_path:
     upstreams = {
         "modelscope": {"command": list(upstream.command), "policy": str(upstream.policy_path), "env": env}
     }
-    gate = Gatekeeper(settings_for(tmp_path, upstreams), clock=lambda: NOW)
-    gw = await start_gateway(upstreams, gate=gate)
+    gw = await start_gateway(upstreams, clock=lambda: NOW)
     async with mcp_client(gw.url("modelscope")) as client:
         names = {t.name for t in (await client.list_tools()).tools}
         assert "generate_image" in names

@@ -15,8 +15,7 @@ import aiohttp
 import pytest
 
 from approvals.config import sha256_hex
-from approvals.gatekeeper import Gatekeeper
-from approvals.store.records import Approval, new_approval_id, sha256_of
+from approvals.core.model import Approval, new_approval_id, sha256_of
 from approvals.web.inbox_auth import InboxAuth
 from approvals.web.inbox_login import safe_next
 from approvals.web.inbox_views import INBOX
@@ -30,7 +29,6 @@ from tests.conftest import (
     Running,
     StartGateway,
     mcp_client,
-    settings_for,
 )
 from tests.inbox_kit import SECURITY_HEADERS, Reviewer, csrf_of
 
@@ -88,8 +86,7 @@ async def add_approval(held: Held, **fields: Any) -> Approval:
     }
     record.update(fields)
     approval = Approval(**record)
-    assert held.gate.queue is not None
-    created = await held.gate.queue.store.create_approval(approval, actor=approval.grant, channel="mcp")
+    created = await held.gateway.service.store.create_approval(approval, actor=approval.grant, channel="mcp")
     # The store may attach an identical open request instead: give each record its own arguments.
     assert created in (None, approval), "an identical request is already open"
     return approval
@@ -97,8 +94,7 @@ async def add_approval(held: Held, **fields: Any) -> Approval:
 
 async def settle(held: Held, approval: Approval, *path: tuple[str, dict[str, Any]]) -> None:
     """Move a store-made record along `path` (status, fields) with compare-and-set transitions."""
-    assert held.gate.queue is not None
-    store, current = held.gate.queue.store, approval.status
+    store, current = held.gateway.service.store, approval.status
     for status, fields in path:
         moved = await store.transition(
             approval.id,
@@ -113,8 +109,7 @@ async def settle(held: Held, approval: Approval, *path: tuple[str, dict[str, Any
 
 
 async def status_of(held: Held, approval_id: str) -> str:
-    assert held.gate.queue is not None
-    approval = await held.gate.queue.store.get_approval(approval_id)
+    approval = await held.gateway.service.store.get_approval(approval_id)
     assert approval is not None
     return approval.status
 
@@ -215,8 +210,7 @@ async def test_sessions_slide_and_expire(start_gateway: StartGateway, tmp_path: 
     (tmp_path / "policy.json").write_text('{"version": "1", "default": "allow"}')
     upstreams = {"demo": {"command": DEMO_COMMAND, "policy": "policy.json"}}
     extra = {"inbox": {"session_hours": 2}}
-    gate = Gatekeeper(settings_for(tmp_path, upstreams, **extra), clock=lambda: now[0])
-    running = await start_gateway(upstreams, gate=gate, **extra)
+    running = await start_gateway(upstreams, clock=lambda: now[0], **extra)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
         reviewer = Reviewer(running.base, http)
         login = await reviewer.login(BOB_TOKEN)
@@ -555,7 +549,7 @@ async def test_race_loser_sees_who_decided(held: Held, reviewers: Callable[[], R
     assert status == 200  # ...when alice denies it first
     page = await reviewer.decide(approval.id, "approve", csrf=csrf)
     assert page.status == 409
-    assert re.search(r"<strong>alice</strong> denied this call first \(via api\)", page.text)
+    assert re.search(r"<strong>alice</strong> denied this call first \(via the API\)", page.text)
     assert "too late" in page.text
     assert await status_of(held, approval.id) == "denied"
 
@@ -900,7 +894,7 @@ async def test_a_detail_pages_live_event_carries_its_history_and_result(
         assert item["status"] in events, (item["status"], events)
     final = seen[-1]
     assert final["args_note"] == "exactly these arguments were sent."
-    assert final["decision"] == "Approved by bob via api"
+    assert final["decision"] == "Approved by bob via the API"
     assert final["result"]["state"] == "shown"
     assert "queued message" in final["result"]["text"]
 

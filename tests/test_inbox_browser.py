@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, Response, async_playwright, expect
 
-from approvals.store.records import Approval
+from approvals.core.model import Approval
 from tests.approvals_kit import Held, start_held
 from tests.conftest import BOB_TOKEN, WAIT, StartGateway, mcp_client
 from tests.inbox_kit import SECURITY_HEADERS
@@ -408,7 +408,7 @@ async def test_every_panel_follows_the_live_badge_and_the_result_is_shown(
     await expect(timeline).to_have_text(["created", "approved", "released", "completed"])
     await expect(page.locator('[data-field="args-note"]')).to_have_text("exactly these arguments were sent.")
     await expect(page.locator('[data-result] [data-field="result-text"]')).to_contain_text("queued message")
-    await expect(page.locator('[data-field="decision"]')).to_have_text("Approved by bob via api")
+    await expect(page.locator('[data-field="decision"]')).to_have_text("Approved by bob via the API")
     assert await page.evaluate("window.__sameDocument") is True  # never reloaded
     await page.reload()
     await expect(timeline).to_have_text(["created", "approved", "released", "completed"])

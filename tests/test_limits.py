@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from approvals.core.ports import CounterRow, CounterStore
+from approvals.errors import StoreError
 from approvals.limits import LimitRefusal, RateLimiter, Reservation, scope_key, window_start
 from approvals.policy import WINDOW_SECONDS, Limit, Scope, Window
-from approvals.store import CounterRow, CounterStore, StoreError
 from approvals.store.sqlite import SqliteStore
 
 _Key = tuple[str, str, int]
@@ -53,7 +54,7 @@ def _reserve(
     session: str = "s1",
     arguments: Mapping[str, object] | None = None,
 ) -> Reservation | LimitRefusal:
-    return limiter.reserve(limits, grant=grant, session=session, arguments=arguments or {}, now=now)
+    return limiter.reserve_now(limits, grant=grant, session=session, arguments=arguments or {}, now=now)
 
 
 def _passes(
@@ -263,7 +264,7 @@ def test_rollback_restores_the_count() -> None:
     reservation = _reserve(limiter, limits, arguments={"n": 10})
     assert isinstance(reservation, Reservation)
     assert isinstance(_reserve(limiter, limits, arguments={"n": 0}), LimitRefusal)
-    limiter.rollback(reservation)
+    limiter.rollback_now(reservation)
     assert set(limiter.snapshot().values()) == {0.0}
     assert isinstance(_reserve(limiter, limits, arguments={"n": 10}), Reservation)
 
@@ -273,7 +274,7 @@ def test_empty_limits_reserve_nothing() -> None:
     limiter = _limiter()
     reservation = _reserve(limiter, [])
     assert reservation == Reservation(())
-    limiter.rollback(reservation)
+    limiter.rollback_now(reservation)
     assert limiter.snapshot() == {}
 
 
@@ -330,7 +331,7 @@ async def test_flush_writes_absolute_values_of_changed_counters() -> None:
     await limiter.flush()
     assert store.saves[-1] == []  # nothing changed, nothing written
     assert isinstance(first, Reservation)
-    limiter.rollback(first)
+    limiter.rollback_now(first)
     await limiter.flush()
     assert store.saves[-1] == [(*key, 1.0)]
 
@@ -435,7 +436,7 @@ def test_counts_equal_live_reservations_and_never_exceed_max(ops: list[tuple[obj
             index = op[1]
             assert isinstance(index, int)
             if live:
-                limiter.rollback(live.pop(index % len(live)))
+                limiter.rollback_now(live.pop(index % len(live)))
         else:
             _, limits, grant, now, n = op
             assert isinstance(limits, list)

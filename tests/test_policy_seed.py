@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from approvals.gatekeeper import Gatekeeper
-from tests.conftest import DEMO_COMMAND, StartGateway, mcp_client, settings_for
+from tests.conftest import DEMO_COMMAND, StartGateway, mcp_client
 from tests.test_cli import GOOD_CONFIG, run_cli
 
 # Verbatim from the page, indentation and all.
@@ -58,8 +57,7 @@ async def _serve(start_gateway: StartGateway, tmp_path: Path, policy_text: str, 
     """A gateway in front of the demo upstream under `policy_text`, on a clock the test moves."""
     (tmp_path / "policy.json").write_text(policy_text)
     upstreams = {"up": {"command": DEMO_COMMAND, "policy": "policy.json"}}
-    gate = Gatekeeper(settings_for(tmp_path, upstreams), clock=lambda: clock[0])
-    return (await start_gateway(upstreams, gate=gate)).url("up")
+    return (await start_gateway(upstreams, clock=lambda: clock[0])).url("up")
 
 
 async def _images(client: Any, calls: int) -> list[Any]:

@@ -16,12 +16,13 @@ import aiohttp
 import pytest
 
 from approvals.config import UpstreamSettings
+from approvals.core.model import Admission, ToolCall
 from approvals.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, JsonObject
-from approvals.proxy.gate import Admission, AllowAll, ToolCall
+from approvals.proxy.gate import AllowAll
 from approvals.proxy.gateway import Gateway
+from approvals.proxy.keys import GATEWAY
 from approvals.proxy.session import MAX_WAITING_MESSAGES, Session
 from approvals.proxy.sse import read_events
-from approvals.web.keys import GATEWAY
 from tests.conftest import PROBE_COMMAND, TOKEN_A, TOKEN_B, WAIT, StartGateway
 from tests.rawmcp import ACCEPT, RawSession
 
@@ -284,6 +285,9 @@ class OneApproval:
         pass
 
     async def cancel(self, reason: str) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

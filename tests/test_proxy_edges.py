@@ -10,6 +10,8 @@ import aiohttp
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from approvals.core.model import Admission, ToolCall
+from approvals.errors import StoreError
 from approvals.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
@@ -17,9 +19,8 @@ from approvals.jsonrpc import (
     PARSE_ERROR,
     UPSTREAM_UNAVAILABLE,
 )
-from approvals.proxy.gate import Admission, AllowAll, ToolCall
-from approvals.store import StoreError
-from approvals.web.keys import GATEWAY
+from approvals.proxy.gate import AllowAll
+from approvals.proxy.keys import GATEWAY
 from tests.conftest import PROBE_COMMAND, TOKEN_A, TOKEN_B, StartGateway, mcp_client, probe_http
 from tests.rawmcp import RawSession
 

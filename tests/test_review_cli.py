@@ -8,7 +8,6 @@ APPROVALS_TOKEN, as a reviewer's shell would.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import socket
@@ -76,14 +75,15 @@ async def test_list_shows_pending_calls_in_a_table(tmp_path: Path) -> None:
         assert status == 0, err
         header, *rows = table(out)
         assert header == ["ID", "STATUS", "UPSTREAM", "TOOL", "AGENT", "AGE", "EXPIRES IN", "ARGUMENTS"]
+        summary = 'to: "a@example.com", subject: "hi", body: "x"'  # as the inbox's list shows it
         assert [row[:5] + row[7:] for row in rows] == [
-            [first, "pending", "demo", "send_email", "agent-a", json.dumps(short)]
+            [first, "pending", "demo", "send_email", "agent-a", summary]
         ]
         status, out, err = await run_cli(tmp_path, "list", "--status", "all", env=as_bob(gw))
         assert status == 0, err
         rows_by_id = {row[0]: row for row in table(out)[1:]}
         assert {key: row[1] for key, row in rows_by_id.items()} == {first: "pending", second: "denied"}
-        assert rows_by_id[second][7].endswith("...")  # long arguments are shortened to fit a line
+        assert rows_by_id[second][7].endswith("…")  # long arguments are shortened to fit a line
         status, out, _ = await run_cli(tmp_path, "list", "--status", "expired", env=as_bob(gw))
         assert (status, out) == (0, "no approvals\n")
         elsewhere = as_bob("http://127.0.0.1:9")  # --url wins over APPROVALS_URL

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from approvals.store import StoreError
-from approvals.store.records import Approval
+from approvals.core.model import Approval
+from approvals.errors import StoreError
 from approvals.store.sqlite import SqliteStore
 from tests.test_store_approvals import NOW, created, make_approval
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from approvals.store import StoreError
+from approvals.errors import StoreError
 from approvals.store.sqlite import MIGRATIONS, SqliteStore
 from tests.test_store_approvals import NOW, created, make_approval
 
@@ -80,8 +80,9 @@ async def test_ref_survives_a_restart(tmp_path: pathlib.Path) -> None:
         await second.close()
 
 
-async def test_v2_database_migrates_to_v3_keeping_its_approvals(tmp_path: pathlib.Path) -> None:
-    """A file written before message refs existed gains the table and keeps its records."""
+async def test_v2_database_migrates_to_the_latest_keeping_its_approvals(tmp_path: pathlib.Path) -> None:
+    """A file written before message refs existed gains the table, the pending indexes and the
+    lease columns, and keeps its records."""
     path = tmp_path / "approvals.db"
     old = await SqliteStore.open(path)
     try:
@@ -96,13 +97,16 @@ async def test_v2_database_migrates_to_v3_keeping_its_approvals(tmp_path: pathli
             "CREATE INDEX approvals_live_expiry ON approvals (expires_at)"
             " WHERE status IN ('pending', 'approved')"
         )
+        conn.execute("DROP INDEX approvals_released_lease")  # v5
+        conn.execute("ALTER TABLE approvals DROP COLUMN lease_owner")
+        conn.execute("ALTER TABLE approvals DROP COLUMN lease_expires_at")
         conn.execute("PRAGMA user_version=2")
     store = await SqliteStore.open(path)
     try:
         assert await store.schema_version() == len(MIGRATIONS) >= 4
         sql = "SELECT name FROM sqlite_master WHERE type = 'index'"
         indexes = await store._db.read(lambda conn: {row[0] for row in conn.execute(sql)})
-        assert {"approvals_pending_grant", "approvals_pending_expiry"} <= indexes
+        assert {"approvals_pending_grant", "approvals_pending_expiry", "approvals_released_lease"} <= indexes
         assert "approvals_live_expiry" not in indexes
         assert await store.get_approval(approval.id) == approval
         await store.save_message_ref(approval.id, "slack", REF)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from approvals.store import StoreError
+from approvals.errors import StoreError
 from approvals.store.sqlite import MIGRATIONS, SqliteStore, split_statements
 
 

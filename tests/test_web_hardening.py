@@ -56,8 +56,7 @@ async def raw(held: Held, request_line: str, headers: list[bytes], body: bytes =
 
 
 async def still_pending(held: Held, approval_id: str) -> None:
-    assert held.gate.queue is not None
-    stored = await held.gate.queue.store.get_approval(approval_id)
+    stored = await held.gateway.service.store.get_approval(approval_id)
     assert stored is not None
     assert stored.status == "pending"
 

@@ -140,6 +140,5 @@ async def test_mcp_refuses_deep_and_infinite_json_before_the_gate(held: Held) ->
         infinite = await raw.post(body.replace(b'"amount": 1', b'"amount": 1e400'))
         assert infinite.status == 400
         assert (infinite.last["id"], infinite.last["error"]["code"]) == ("n1", INVALID_PARAMS)
-    assert held.gate.queue is not None
-    assert await held.gate.queue.store.list_approvals(limit=10) == []
+    assert await held.gateway.service.store.list_approvals(limit=10) == []
     assert held.sent() == []

@@ -1,51 +1,89 @@
-"""Where approvals are announced: the notification seam between the queue and Slack, the inbox, …
+"""Where approvals are announced — Slack, the inbox's live list, … — each following the change feed.
 
-The queue tells every channel when an approval is created (or comes back for a new look) and when
-it reaches a final state. A channel that fails is logged and audited; it never changes a decision
-and never blocks the queue: each notification runs in its own task.
+    ChangeFeed ──listen──▶ Channels ──one task per change──▶ channel.announce(approval, change)
+
+Nothing calls a channel by name: `Channels` subscribes to the feed. A *view* (the inbox's live
+list, one per process) is told of every change, whichever process made it; a *notifier* (Slack,
+which posts once for all processes) only of the changes made in its own process — the store holds
+where each message is, so any process can edit it. `created` is a new approval (or one back for a new look),
+`updated` any other change of state. A channel that fails is logged and audited; it never changes
+a decision and never blocks the feed: each announcement runs in its own task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
-from approvals.store import ApprovalStore
-from approvals.store.records import Approval
+from approvals.core.model import Approval
+from approvals.core.ports import ApprovalStore, Change, ChangeFeed
 
 log = logging.getLogger(__name__)
 
-Change = Literal["created", "updated"]
+ChangeKind = Literal["created", "updated"]
+_CREATED_EVENTS = frozenset({"created", "tool_changed"})
 
 
 class Channel(Protocol):
     name: str
 
-    async def announce(self, approval: Approval, change: Change) -> None:
+    async def announce(self, approval: Approval, change: ChangeKind) -> None:
         """`created`: a new approval (or one back for a new look); `updated`: any other change of state."""
         ...
 
 
+def kind_of(change: Change) -> ChangeKind:
+    return "created" if change.event in _CREATED_EVENTS else "updated"
+
+
 class Channels:
-    """Fan-out to every configured channel, fire and forget."""
+    """Every channel, told of every change on the feed. Made running by :meth:`start`."""
 
-    def __init__(self, store: ApprovalStore, channels: Sequence[Channel] = ()) -> None:
+    def __init__(
+        self, store: ApprovalStore, feed: ChangeFeed, views: Sequence[Channel], notifiers: Sequence[Channel]
+    ) -> None:
         self._store = store
-        self.channels = list(channels)
+        self._feed = feed
+        self.views = list(views)
+        self.notifiers = list(notifiers)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._follower: asyncio.Task[None] | None = None
 
-    def add(self, channel: Channel) -> None:
-        self.channels.append(channel)
+    @classmethod
+    def start(
+        cls,
+        store: ApprovalStore,
+        feed: ChangeFeed,
+        views: Sequence[Channel] = (),
+        notifiers: Sequence[Channel] = (),
+    ) -> Channels:
+        started = cls(store, feed, views, notifiers)
+        started._follower = asyncio.create_task(started._follow(), name="channels")
+        return started
 
-    def announce(self, approval: Approval, change: Change) -> None:
-        for channel in self.channels:
-            task = asyncio.create_task(self._one(channel, approval, change), name=f"notify-{channel.name}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    async def _follow(self) -> None:
+        while True:
+            listener = self._feed.listen()
+            try:
+                async for change in listener:
+                    kind = kind_of(change)
+                    for channel in (*self.views, *(self.notifiers if change.here else ())):
+                        self._announce(channel, change.approval, kind)
+            finally:
+                listener.close()
+            # The listener fell behind and was ended: channels catch up from the store as pages
+            # reload and messages are next updated; follow on from here.
+            log.warning("channels fell behind the change feed; following on from now")
 
-    async def _one(self, channel: Channel, approval: Approval, change: Change) -> None:
+    def _announce(self, channel: Channel, approval: Approval, change: ChangeKind) -> None:
+        task = asyncio.create_task(self._one(channel, approval, change), name=f"notify-{channel.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _one(self, channel: Channel, approval: Approval, change: ChangeKind) -> None:
         try:
             await channel.announce(approval, change)
         except Exception as exc:  # a channel failing must never affect the approval itself
@@ -63,7 +101,8 @@ class Channels:
                 log.exception("could not audit the failed notification of %s", approval.id)
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *([self._follower] if self._follower else [])]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)

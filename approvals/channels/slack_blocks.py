@@ -1,10 +1,12 @@
 """The Slack messages of an approval, as Block Kit JSON — pure: values in, values out, no I/O, no clock.
 
-Everything a requester controls (tool arguments, the tool's name and description as the upstream
-lists them, reasons, names) goes through :func:`escape` before it reaches a mrkdwn text, so it
-cannot mention anyone (``<!channel>``, ``<@U…>``), disguise a link (``<http://evil|innocent>``),
-or close the code block it is shown in. Our own markup (the inbox link, dates) is added after
-escaping. Mrkdwn texts are ``verbatim`` so Slack does not turn bare names into mentions either.
+The words are approvals.core.render's, shared with the inbox, the CLI and the agent; this module
+adds the Slack markup. Everything a requester controls (tool arguments, the tool's name and
+description as the upstream lists them, reasons, names) goes through :func:`escape` before it
+reaches a mrkdwn text, so it cannot mention anyone (``<!channel>``, ``<@U…>``), disguise a link
+(``<http://evil|innocent>``), or close the code block it is shown in. Our own markup (the inbox
+link, dates) is added after escaping. Mrkdwn texts are ``verbatim`` so Slack does not turn bare
+names into mentions either.
 
 Every text is cut to its Block Kit limit (measured in UTF-16 units, as Slack counts), never
 inside an HTML entity; a message has at most a dozen blocks, well under the 50 allowed. Long
@@ -19,7 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from approvals.store.records import Approval
+from approvals.core import render
+from approvals.core.model import Approval
 
 __all__ = [
     "ACTION_APPROVE",
@@ -58,7 +61,7 @@ MAX_HEADER = 150
 MAX_BUTTON = 75
 MAX_MODAL_TITLE = 24
 MAX_FALLBACK = 500  # the notification text; Slack allows more, a notification shows less
-MAX_REASON = 2000  # as the API accepts
+MAX_REASON = render.MAX_REASON_CHARS  # as the API and the inbox accept
 # Shorter than the limits on purpose: a reviewer should see the arguments first.
 MAX_DESCRIPTION = 600
 MAX_NAME = 200
@@ -67,7 +70,6 @@ ELLIPSIS = "…"
 # (U+02CB MODIFIER LETTER GRAVE ACCENT). The inbox shows the exact text.
 BACKTICK_STANDIN = "\u02cb"
 
-_VIA = {"slack": "Slack", "api": "the API", "cli": "the CLI", "web": "the inbox", "inbox": "the inbox"}
 _HEADERS = {
     "pending": "Approval needed",
     "approved": "Approved",
@@ -81,11 +83,7 @@ _HEADERS = {
 _ICONS = {"approved": "✅", "released": "✅", "completed": "✅", "failed": "⚠️", "denied": "⛔"}
 _ICONS |= {"expired": "⌛", "cancelled": "🚫"}
 _APPROVED = frozenset({"approved", "released", "completed", "failed"})
-_AFTER_APPROVAL = {
-    "released": "Sent to the upstream.",
-    "completed": "The call completed.",
-    "failed": "The call failed.",
-}
+_SENT = frozenset({"released", "completed", "failed"})  # states with an outcome worth a line
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,26 +153,8 @@ def when(at: float) -> str:
     return f"<!date^{int(at)}^{{date_short_pretty}} at {{time}}|{fallback}>"
 
 
-def duration(seconds: float) -> str:
-    """`15 min`, `2 h`, `45 s` — the largest whole unit."""
-    size = max(seconds, 0.0)
-    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
-        if size >= span:
-            return f"{int(size // span)} {unit}"
-    return f"{int(size)} s"
-
-
 def _via(channel: str | None) -> str:
-    if not channel:
-        return ""
-    return f" via {_VIA.get(channel, escape(channel))}"
-
-
-def _decision(approval: Approval) -> str:
-    """The past tense of the decision taken on a record, for "already … by …"."""
-    if approval.status in _APPROVED:
-        return "approved"
-    return approval.status
+    return f" via {escape(render.channel_name(channel))}" if channel else ""
 
 
 # ---- the request message ------------------------------------------------------------------------
@@ -239,7 +219,7 @@ def _request_blocks(approval: Approval, *, url: str, now: float) -> list[Block]:
     fields = [mrkdwn(rule, MAX_FIELD), mrkdwn(f"*Requested*\n{when(approval.created_at)}", MAX_FIELD)]
     if approval.status == "pending":
         # Relative to the request, not to `now`: a message is not re-rendered as time passes.
-        lifetime = duration(approval.expires_at - approval.created_at)
+        lifetime = render.duration(approval.expires_at - approval.created_at)
         expires = f"*Expires*\n{when(approval.expires_at)} ({lifetime} after the request)"
         if now >= approval.expires_at:
             expires += " — overdue, closing"
@@ -279,12 +259,12 @@ def _arguments(approval: Approval, url: str) -> str:
 def _outcome(approval: Approval) -> str:
     """Who decided, when and why — or what the gateway did (expired, cancelled)."""
     icon, status = _ICONS.get(approval.status, "•"), approval.status
-    by = f" by *{escape(approval.decided_by or 'a reviewer')}*{_via(approval.decided_via)}"
+    by = f" by *{escape(render.decider(approval))}*{_via(approval.decided_via)}"
     decided = f" {when(approval.decided_at)}" if approval.decided_at is not None else ""
     if status in _APPROVED:
         line = f"{icon} *Approved*{by}{decided}"
-        if status in _AFTER_APPROVAL:
-            line += f" {_AFTER_APPROVAL[status]}"
+        if status in _SENT:
+            line += f"\n*Outcome:* {escape(render.outcome(approval))}"
     elif status == "denied":
         line = f"{icon} *Denied*{by}{decided}"
     else:
@@ -292,8 +272,9 @@ def _outcome(approval: Approval) -> str:
         line = f"{icon} *{_header(approval)}*{finished}"
         if approval.decided_by:  # approved, then expired waiting for room under a rate limit
             line += f" (approved{by})"
-    if approval.reason:
-        line += f"\n*Reason:* {escape(fit(approval.reason, MAX_REASON))}"
+    # A failed call's reason ("timeout", "interrupted") is already in the outcome's words.
+    if approval.reason and status != "failed":
+        line += f"\n*Reason:* {escape(fit(render.visible(approval.reason), MAX_REASON))}"
     return line
 
 
@@ -391,8 +372,7 @@ def own_agent(approval: Approval) -> str:
 
 
 def already_decided(approval: Approval) -> str:
-    by = f" by {escape(approval.decided_by)}" if approval.decided_by else ""
-    return f"This request was already {_decision(approval)}{by}{_via(approval.decided_via)}."
+    return escape(render.already_decided(approval))
 
 
 def not_recorded() -> str:

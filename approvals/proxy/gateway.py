@@ -27,7 +27,6 @@ from approvals.jsonrpc import (
     JsonObject,
     error_response,
 )
-from approvals.proxy.gate import Gate
 from approvals.proxy.http1 import Pool
 from approvals.proxy.session import Session
 from approvals.proxy.upstream import connect
@@ -43,9 +42,8 @@ TOO_MANY_SESSIONS = 429  # HTTP status of an initialize refused for a session li
 class Gateway:
     """Creates, finds and ends client sessions. One per application."""
 
-    def __init__(self, settings: Settings, gate: Gate, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
-        self.gate = gate
         self.clock = clock  # for idle times; tests drive `reap` with their own `now`
         self.sessions: dict[str, Session] = {}
         self._opening: collections.Counter[str] = collections.Counter()  # initializes under way, per grant
@@ -59,7 +57,7 @@ class Gateway:
         self._service_lock = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
         # Keep-alive connections for the POSTs to HTTP upstreams (the hot path); answers are bounded too.
-        self._pool = Pool(max_body_bytes=settings.server.max_body_bytes)
+        self._pool = Pool(max_body_bytes=server.max_body_bytes, client=server.upstream_client)
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -227,6 +225,9 @@ async def _answer(session: Session, method: str, params: JsonObject) -> JsonObje
     exchange = session.request(method, params)
     try:
         message = await exchange.outbox.get()
+    except asyncio.CancelledError:
+        session.cancel(exchange, "the gateway stopped waiting (call timeout)")
+        raise
     finally:
         session.release(exchange)
     return message if message is not None else error_response(None, UPSTREAM_UNAVAILABLE, "no answer")

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from approvals.auth import bearer_token
 from approvals.config import Principal
+from approvals.core.model import ToolCall
 from approvals.errors import ApprovalsError, ProtocolError
 from approvals.jsonrpc import (
     HANDSHAKE_VERSIONS,
@@ -25,7 +26,6 @@ from approvals.jsonrpc import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     UPSTREAM_UNAVAILABLE,
-    EnvelopeError,
     JsonObject,
     Message,
     encode,
@@ -33,12 +33,12 @@ from approvals.jsonrpc import (
     parse_message,
     result_response,
 )
-from approvals.proxy.gate import ToolCall
+from approvals.proxy.gate import Gate
 from approvals.proxy.gateway import Gateway
 from approvals.proxy.hold import stream_hold
+from approvals.proxy.keys import GATE, GATEWAY, GRANTS
 from approvals.proxy.session import Exchange, Session, bad_progress_token
 from approvals.proxy.sse import SSE_HEADERS, encode_comment, encode_event
-from approvals.web.keys import GATEWAY, GRANTS
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,6 @@ def _session_for(request: web.Request, grant: Principal, upstream: str) -> Sessi
     return session
 
 
-class BodyError(Exception):
-    """A request body the gateway will not decode: `status` and JSON-RPC `code` say why."""
-
-    def __init__(self, status: int, code: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
 # The codings a POST body may come in, as zlib window bits (None: as it is). The server does not
 # inflate bodies itself (`auto_decompress=False` in the app): it would inflate a body in full, even
 # one it then refuses, and a 1 MiB gzip body can inflate to 1 GiB.
@@ -113,8 +104,10 @@ def _decoder(request: web.Request) -> tuple[str, zlib._Decompress | None]:
     coding = ",".join(request.headers.getall("Content-Encoding", [])).strip().lower() or "identity"
     if coding not in CODINGS:
         supported = ", ".join(CODINGS)
-        raise BodyError(
-            415, INVALID_REQUEST, f"unsupported Content-Encoding {coding!r}; use one of {supported}"
+        raise ProtocolError(
+            INVALID_REQUEST,
+            status=415,
+            message=f"unsupported Content-Encoding {coding!r}; use one of {supported}",
         )
     wbits = CODINGS[coding]
     return coding, (zlib.decompressobj(wbits) if wbits is not None else None)
@@ -122,7 +115,9 @@ def _decoder(request: web.Request) -> tuple[str, zlib._Decompress | None]:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The body, decoded as its Content-Encoding says; never more than `limit` bytes read or inflated."""
-    too_large = BodyError(413, INVALID_REQUEST, f"the request body is larger than {limit} bytes")
+    too_large = ProtocolError(
+        INVALID_REQUEST, status=413, message=f"the request body is larger than {limit} bytes"
+    )
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     coding, decoder = _decoder(request)
@@ -138,10 +133,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             if len(body) > limit:
                 raise too_large
     except zlib.error as exc:
-        raise BodyError(400, PARSE_ERROR, f"the body is not valid {coding} data: {exc}") from None
+        raise ProtocolError(
+            PARSE_ERROR, status=400, message=f"the body is not valid {coding} data: {exc}"
+        ) from None
     if decoder is not None and not (decoder.eof and not decoder.unused_data):
         problem = "ends before its end" if not decoder.eof else "has data after its end"
-        raise BodyError(400, PARSE_ERROR, f"the {coding} body {problem}")
+        raise ProtocolError(PARSE_ERROR, status=400, message=f"the {coding} body {problem}")
     return bytes(body)
 
 
@@ -152,12 +149,10 @@ async def _read(request: web.Request) -> Message | web.Response:
         async with asyncio.timeout(server.read_timeout_seconds):
             body = await read_body(request, server.max_body_bytes)
         return parse_message(body)
-    except BodyError as exc:
-        return rpc_error(exc.status, exc.code, str(exc))
+    except ProtocolError as exc:  # an EnvelopeError among them, with the request's id if it had one
+        return rpc_error(exc.status, exc.code, exc.message, exc.request_id)
     except TimeoutError:
         return rpc_error(408, INVALID_REQUEST, "the request body did not arrive within the read timeout")
-    except EnvelopeError as exc:
-        return rpc_error(400, exc.code, str(exc), exc.request_id)
 
 
 async def handle_post(request: web.Request) -> web.StreamResponse:
@@ -236,7 +231,9 @@ async def _request(
         return rpc_error(200, INVALID_PARAMS, bad_token, message.id)  # before the gate judges it
     if message.method == "tools/call":
         return await _tool_call(request, gateway, session, message)
-    transform = _tool_filter(gateway, session.upstream_name) if message.method == "tools/list" else None
+    transform = (
+        _tool_filter(request.app[GATE], session.upstream_name) if message.method == "tools/list" else None
+    )
     exchange = session.forward_request(message)
     response, _ = await _relay(request, session, exchange, transform=transform)
     return response
@@ -280,7 +277,7 @@ async def _tool_call(
     name, arguments, body = judged
     call = ToolCall(session.upstream_name, session.grant, session.id, name, arguments)
     try:
-        admission = await gateway.gate.admit(call)
+        admission = await request.app[GATE].admit(call)
     except ApprovalsError as exc:  # a StoreError among them
         # Fail closed: a call that could not be checked is not forwarded.
         log.exception("could not admit %s on %s", name, session.upstream_name)
@@ -294,17 +291,17 @@ async def _tool_call(
     exchange = session.forward_request(message, body)
     response, answer = await _relay(request, session, exchange)
     if admission.on_result is not None:
-        admission.on_result(answer or error_response(message.id, UPSTREAM_UNAVAILABLE, "no answer"))
+        await admission.on_result(answer or error_response(message.id, UPSTREAM_UNAVAILABLE, "no answer"))
     return response
 
 
-def _tool_filter(gateway: Gateway, upstream: str) -> Transform:
+def _tool_filter(gate: Gate, upstream: str) -> Transform:
     def keep_visible(answer: JsonObject) -> JsonObject:
         result = answer.get("result")
         if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
             return answer
         tools = result["tools"]
-        visible = gateway.gate.visible_tools(upstream, tools)
+        visible = gate.visible_tools(upstream, tools)
         if len(visible) == len(tools):
             return answer
         return {**answer, "result": {**result, "tools": visible}}

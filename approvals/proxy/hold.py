@@ -20,11 +20,11 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from approvals.core.model import Hold
 from approvals.jsonrpc import JsonObject, Message, encode, result_response
-from approvals.proxy.gate import Hold
+from approvals.proxy.keys import GATEWAY
 from approvals.proxy.session import Session, bad_progress_token
 from approvals.proxy.sse import SSE_HEADERS, encode_comment, encode_event
-from approvals.web.keys import GATEWAY
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,19 @@ async def stream_hold(
     """Answer a held call: signs of life until its outcome, or the pending result at the deadline."""
     assert message.id is not None
     holds = request.app[GATEWAY].holds
-    if holds[hold.approval_id] >= request.app[GATEWAY].settings.approvals.max_holds_per_approval:
-        body = encode(result_response(message.id, hold.pending_result(clock())))
-        return web.Response(body=body, content_type="application/json")
-    holds[hold.approval_id] += 1
     try:
-        return await _hold_open(request, session, message, hold, hold_seconds, clock)
+        if holds[hold.approval_id] >= request.app[GATEWAY].settings.approvals.max_holds_per_approval:
+            body = encode(result_response(message.id, hold.pending_result(clock())))
+            return web.Response(body=body, content_type="application/json")
+        holds[hold.approval_id] += 1
+        try:
+            return await _hold_open(request, session, message, hold, hold_seconds, clock)
+        finally:
+            holds[hold.approval_id] -= 1
+            if not holds[hold.approval_id]:
+                del holds[hold.approval_id]
     finally:
-        holds[hold.approval_id] -= 1
-        if not holds[hold.approval_id]:
-            del holds[hold.approval_id]
+        hold.close()
 
 
 async def _hold_open(

@@ -64,6 +64,9 @@ class Url:
     def origin(self) -> tuple[str, str, int]:
         return self.scheme, self.host, self.port
 
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host_header}{self.target}"
+
     @classmethod
     def parse(cls, url: str) -> Url:
         parts = urlsplit(url)
@@ -192,18 +195,14 @@ class Connection(asyncio.Protocol):
                 line = self._line(MAX_CHUNK_LINE, "chunk size line")
                 if line is None:
                     return
-                size = int(line.split(b";", 1)[0].strip(), 16)
-                if size < 0:
-                    raise ValueError("negative chunk size")
+                size = _number(line.split(b";", 1)[0].strip(b" \t"), 16, "chunk size")
                 if size == 0:
                     self._state = _TRAILER
                 else:
                     self._remaining, self._state = size, _CHUNK_DATA
             elif state == _CHUNK_END:
-                if len(self._buffer) - self._pos < 2:
+                if not self._chunk_end():
                     return
-                if self._take(2) != b"\r\n":
-                    raise ValueError("chunk not followed by CRLF")
                 self._state = _CHUNK_SIZE
             elif state == _TRAILER:
                 line = self._line(MAX_HEAD_BYTES, "trailer line")
@@ -225,25 +224,58 @@ class Connection(asyncio.Protocol):
             self._remaining -= end - start
         return buffer if start == 0 and end == len(buffer) else buffer[start:end]
 
+    # Line endings (RFC 9112 section 2.2): CRLF, or a lone LF, which a recipient may accept. A bare
+    # CR is refused: parsers that took it as a line end would frame the response differently from
+    # those that do not, and on a reused connection that disagreement is response smuggling.
+
     def _line(self, limit: int, what: str) -> bytes | None:
-        """The next CRLF-ended line without its CRLF, or None until it has all arrived."""
-        end = self._buffer.find(b"\r\n", self._pos)
+        """The next line without its CRLF (or LF), or None until it has all arrived."""
+        end = self._buffer.find(b"\n", self._pos)
         if end < 0:
             if len(self._buffer) - self._pos > limit:
                 raise ValueError(f"{what} too long")
             return None
         line = self._buffer[self._pos : end]
-        self._pos = end + 2
+        self._pos = end + 1
+        line = line[:-1] if line.endswith(b"\r") else line
+        if b"\r" in line:
+            raise ValueError(f"bare CR in a {what}")
         return line
 
+    def _chunk_end(self) -> bool:
+        """Consume the CRLF (or LF) after a chunk's data; False until it has arrived."""
+        buffer, pos = self._buffer, self._pos
+        if buffer[pos] == 0x0A:  # LF
+            self._pos = pos + 1
+            return True
+        if len(buffer) - pos < 2:
+            if buffer[pos] == 0x0D:  # CR: its LF is still to come
+                return False
+        elif buffer[pos : pos + 2] == b"\r\n":
+            self._pos = pos + 2
+            return True
+        raise ValueError("chunk not followed by CRLF")
+
+    def _head_end(self) -> tuple[int, int]:
+        """Where the head's last line ends and where the body starts; (-1, -1) until it has arrived."""
+        buffer, pos = self._buffer, self._pos
+        crlf, lf = buffer.find(b"\n\r\n", pos), buffer.find(b"\n\n", pos)
+        if lf >= 0 and (crlf < 0 or lf < crlf):
+            return lf, lf + 2
+        return (crlf, crlf + 3) if crlf >= 0 else (-1, -1)
+
     def _parse_head(self) -> bool:
-        end = self._buffer.find(b"\r\n\r\n", self._pos)
+        end, body = self._head_end()
         if end < 0:
             if len(self._buffer) - self._pos > MAX_HEAD_BYTES:
                 raise ValueError("response head too long")
             return False
-        lines = self._buffer[self._pos : end].decode("latin-1").split("\r\n")
-        self._pos = end + 4
+        text = self._buffer[self._pos : end].decode("latin-1").replace("\r\n", "\n")
+        self._pos = body
+        text = text.removesuffix("\r")  # the last line's CR, before the blank line's LF
+        if "\r" in text:
+            raise ValueError("bare CR in the response head")
+        lines = text.split("\n")
         version, _, rest = lines[0].partition(" ")
         if not version.startswith("HTTP/1."):
             raise ValueError(f"not an HTTP/1.x status line: {lines[0][:100]!r}")
@@ -272,8 +304,10 @@ class Connection(asyncio.Protocol):
             self._complete()
         elif "chunked" in headers.get("transfer-encoding", "").lower():
             self._state = _CHUNK_SIZE
+            # Both framings named: chunked wins, and the connection is not trusted again (RFC 9112 6.3).
+            self._keep_alive = self._keep_alive and "content-length" not in headers
         elif "content-length" in headers:
-            self._remaining = int(headers["content-length"])
+            self._remaining = _number(headers["content-length"].encode("latin-1"), 10, "Content-Length")
             self._state = _LENGTH
             if self._remaining == 0:
                 self._complete()
@@ -313,15 +347,32 @@ class Connection(asyncio.Protocol):
         receiver.end()
 
 
+_DIGITS = {10: b"0123456789", 16: b"0123456789abcdefABCDEF"}
+
+
+def _number(text: bytes, base: int, what: str) -> int:
+    """Digits only: int() would also take a sign, "0x", "_" or spaces, and framing must be exact."""
+    if not text or text.lstrip(_DIGITS[base]):
+        raise ValueError(f"malformed {what} {text[:40]!r}")
+    return int(text, base)
+
+
 class Pool:
     """Idle keep-alive connections per origin (scheme, host, port)."""
 
     def __init__(
-        self, *, connect_timeout: float = CONNECT_TIMEOUT_SECONDS, max_body_bytes: int = MAX_BODY_BYTES
+        self,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        client: str = "http1",
     ) -> None:
         # The largest answer (a JSON body, or one SSE event) its users accept: the parser streams,
         # so it is theirs to count (one SSE stream may carry any number of events).
         self.max_body_bytes = max_body_bytes
+        # [server] upstream_client: "aiohttp" has http_upstream POST with aiohttp's client instead
+        # of this pool (the A/B benchmark that decides whether this module earns its keep).
+        self.client = client
         self._idle: dict[tuple[str, str, int], list[Connection]] = {}
         self._connect_timeout = connect_timeout
         self._ssl: ssl.SSLContext | None = None

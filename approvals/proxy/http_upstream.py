@@ -4,6 +4,8 @@ Every tool call through the gateway is one POST here, so it is built for the hot
 over the gateway's lean HTTP/1.1 pool (`http1`) and are answered in callbacks — no task, no
 coroutine per message unless a connection has to be opened. What an upstream sends on a POST's
 stream (JSON or SSE, progress and server requests included) reaches the sink as it arrives.
+With `[server] upstream_client = "aiohttp"` (undocumented; the A/B benchmark's switch) POSTs go
+over aiohttp's client instead, their responses handled by the same code.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
+from yarl import URL
 
 from approvals.config import UpstreamSettings
 from approvals.jsonrpc import (
@@ -66,6 +69,7 @@ class HttpUpstream:
         self._last_ordered: _Post | None = None
         self._closed = False
         self._post_head: tuple[tuple[str | None, str | None], str] | None = None
+        self._post_dict: tuple[tuple[str | None, str | None], dict[str, str]] | None = None
 
     async def start(self) -> None:
         """Nothing to do: the upstream session begins with the client's `initialize`."""
@@ -78,6 +82,15 @@ class HttpUpstream:
             headers["Content-Type"] = "application/json"
             self._post_head = (key, header_lines(headers))
         return self._post_head[1]
+
+    def _post_header_dict(self) -> dict[str, str]:
+        """`_post_headers` as aiohttp takes them (upstream_client = "aiohttp")."""
+        key = (self._session_id, self._version)
+        if self._post_dict is None or self._post_dict[0] != key:
+            headers = self._headers(accept="application/json, text/event-stream")
+            headers["Content-Type"] = "application/json"
+            self._post_dict = (key, headers)
+        return self._post_dict[1]
 
     def _headers(self, *, accept: str) -> dict[str, str]:
         headers = {**self._settings.headers, "Accept": accept}
@@ -224,6 +237,9 @@ class _Post:
     def start(self) -> None:
         if self.done:
             return
+        if self.upstream._pool.client == "aiohttp":
+            self.connecting = asyncio.create_task(self._post_with_aiohttp())
+            return
         conn = self.upstream._pool.take(self._url)
         if conn is not None:
             self._send(conn)
@@ -242,6 +258,32 @@ class _Post:
             conn.abort()
         else:
             self._send(conn)
+
+    async def _post_with_aiohttp(self) -> None:
+        """The same POST over aiohttp's client, its response fed to the same Receiver methods."""
+        upstream = self.upstream
+        try:
+            async with upstream._http.post(
+                URL(str(self._url), encoded=True),
+                data=self._body,
+                headers=upstream._post_header_dict(),
+                allow_redirects=False,  # `head` follows 307/308 itself, as with http1
+            ) as resp:
+                headers: dict[str, str] = {}
+                for name, value in resp.headers.items():
+                    key = name.lower()
+                    headers[key] = f"{headers[key]}, {value}" if key in headers else value
+                self.head(resp.status, headers)
+                async for chunk in resp.content.iter_any():
+                    if self.done:
+                        break  # failed (too large) or cancelled: the unread rest closes the connection
+                    self.data(chunk)
+            self.end()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.fail(HttpError(str(exc) or type(exc).__name__))
+        finally:
+            if self.connecting is asyncio.current_task():  # not a redirect's new task
+                self.connecting = None
 
     def _send(self, conn: Connection) -> None:
         self._conn = conn

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from approvals.config import UpstreamSettings
+from approvals.core.model import Hold
 from approvals.jsonrpc import (
     INVALID_PARAMS,
     UPSTREAM_UNAVAILABLE,
@@ -32,7 +33,6 @@ from approvals.jsonrpc import (
     encode,
     error_response,
 )
-from approvals.proxy.gate import Hold
 from approvals.proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,14 @@ class Session:
             self._answer(exchange, error_response(exchange.upstream_id, UPSTREAM_UNAVAILABLE, reason))
             return
         self.connection.send(body)
+
+    def cancel(self, exchange: Exchange, reason: str) -> None:
+        """The gateway gave up on its own request (a timeout): the upstream is told, so that it can
+        stop the work and an HTTP upstream's POST is not left open."""
+        if not exchange.done and self.connection is not None and self.closed_reason is None:
+            params = {"requestId": exchange.upstream_id, "reason": reason}
+            self.connection.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params})
+        self.release(exchange)
 
     def release(self, exchange: Exchange) -> None:
         """The client stopped waiting for this exchange (answered, cancelled or disconnected)."""

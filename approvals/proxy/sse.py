@@ -45,7 +45,16 @@ class SseDecoder:
     receiving) raises TooLarge: a stream that never ends a line is not buffered for ever.
     """
 
-    __slots__ = ("_data", "_data_bytes", "_event", "_id", "_pending", "_pending_bytes", "max_bytes")
+    __slots__ = (
+        "_after_cr",
+        "_data",
+        "_data_bytes",
+        "_event",
+        "_id",
+        "_pending",
+        "_pending_bytes",
+        "max_bytes",
+    )
 
     def __init__(self, max_bytes: int = MAX_EVENT_BYTES) -> None:
         self.max_bytes = max_bytes
@@ -55,9 +64,18 @@ class SseDecoder:
         self._data_bytes = 0
         self._event = "message"
         self._id: str | None = None
+        self._after_cr = False  # the last chunk ended in CR: an LF starting the next is its CRLF's
 
     def feed(self, chunk: bytes) -> list[Event]:
         """The events completed by `chunk`."""
+        if not chunk:
+            return []
+        # Lines end in CRLF, LF or a lone CR (all three are SSE): CR and CRLF become LF first.
+        if self._after_cr and chunk[0] == 0x0A:
+            chunk = chunk[1:]
+        self._after_cr = chunk.endswith(b"\r")
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *complete, rest = chunk.split(b"\n")
         events: list[Event] = []
         for raw in complete:
@@ -88,7 +106,7 @@ class SseDecoder:
         return events
 
     def _line(self, raw: bytes, events: list[Event]) -> None:
-        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        line = raw.decode("utf-8", errors="replace")
         if not line:
             # An event with empty data is a priming or retry event (resumability): nothing to pass on.
             if any(self._data):
@@ -104,8 +122,8 @@ class SseDecoder:
             self._check(0)
             self._data.append(value)
         elif name == "event":
-            self._event = value
-        elif name == "id":
+            self._event = value or "message"  # an empty type is a `message` event
+        elif name == "id" and "\0" not in value:  # the spec ignores an id with NUL in it
             self._id = value
 
 

@@ -29,9 +29,8 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
-from approvals.store import CounterRow, StoreError
-from approvals.store import sqlite_approvals as q
-from approvals.store.records import (
+from approvals.core.model import (
+    RESULT_DROPPED_NOTE,
     Approval,
     AuditEvent,
     Status,
@@ -39,14 +38,19 @@ from approvals.store.records import (
     check_transition_fields,
     check_update_fields,
 )
+from approvals.core.ports import CounterRow
+from approvals.errors import StoreError
+from approvals.store import sqlite_approvals as q
 from approvals.store.sqlite_thread import SqliteThread
 
-__all__ = ["MIGRATIONS", "SqliteStore"]
+__all__ = ["CHANGES_PAGE", "MIGRATIONS", "SqliteStore"]
+
+# Audit events read per look by the change feed's poller (a burst is read over several looks).
+CHANGES_PAGE = 1000
 
 BUSY_TIMEOUT_MS = 5000
 # STRICT tables (3.37) and UPDATE … RETURNING (3.35), which the compare-and-set relies on.
 MIN_SQLITE = (3, 37, 0)
-RESULT_DROPPED_NOTE = "result dropped after keep window"
 
 _V1_COUNTERS = """
 CREATE TABLE counters (
@@ -60,7 +64,13 @@ CREATE TABLE counters (
 CREATE INDEX counters_window_start ON counters (window_start);
 """
 
-MIGRATIONS: list[str] = [_V1_COUNTERS, q.APPROVALS_SCHEMA, q.MESSAGE_REFS_SCHEMA, q.PENDING_INDEXES_SCHEMA]
+MIGRATIONS: list[str] = [
+    _V1_COUNTERS,
+    q.APPROVALS_SCHEMA,
+    q.MESSAGE_REFS_SCHEMA,
+    q.PENDING_INDEXES_SCHEMA,
+    q.LEASES_SCHEMA,
+]
 T = TypeVar("T")
 
 
@@ -273,9 +283,9 @@ class SqliteStore:
         """Pending records whose ``expires_at <= now``, soonest first."""
         return await self._read("find expired approvals", lambda conn: q.due_for_expiry(conn, now))
 
-    async def interrupted_releases(self) -> list[Approval]:
-        """Records left ``released`` by a process that stopped before answering."""
-        return await self._read("find interrupted releases", q.interrupted_releases)
+    async def interrupted_releases(self, now: float) -> list[Approval]:
+        """Records left ``released`` whose lease ran out by ``now`` (or that never had one)."""
+        return await self._read("find interrupted releases", lambda conn: q.interrupted_releases(conn, now))
 
     async def next_expiry(self) -> float | None:
         """The earliest ``expires_at`` among pending records."""
@@ -337,6 +347,29 @@ class SqliteStore:
     async def message_ref(self, approval_id: str, channel: str) -> str | None:
         """The ref ``channel`` saved for the approval, or None."""
         return await self._read("read a message ref", lambda conn: q.message_ref(conn, approval_id, channel))
+
+    async def changes_after(
+        self, seq: int, data_version: int | None
+    ) -> tuple[int, int, list[tuple[str, Approval]]]:
+        """What other connections committed since the last look, for the change feed's poller.
+
+        ``PRAGMA data_version`` changes only when another connection commits, so an unchanged
+        value answers at once with nothing. Otherwise: the audit events after ``seq`` (at most
+        ``CHANGES_PAGE``), each with its approval as it is now. Returns the data version, the last
+        seq read, and the (event, approval) pairs.
+        """
+
+        def look(conn: sqlite3.Connection) -> tuple[int, int, list[tuple[str, Approval]]]:
+            version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+            if version == data_version:
+                return version, seq, []
+            return (version, *q.changes_after(conn, seq, CHANGES_PAGE))
+
+        return await self._read("read changes", look)
+
+    async def last_audit_seq(self) -> int:
+        """The newest audit event's seq (0 when there is none): where a new poller starts."""
+        return await self._read("read the audit position", q.last_audit_seq)
 
     async def schema_version(self) -> int:
         """The schema version recorded in the file."""

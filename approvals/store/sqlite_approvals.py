@@ -2,25 +2,26 @@
 
 Each function runs its statements on a connection the caller already holds: ``SqliteStore`` owns
 the lock, the transactions and their durability; this module owns the SQL and the mapping between
-rows and :class:`~approvals.store.records.Approval`. Nothing here validates a request — the store
+rows and :class:`~approvals.core.model.Approval`. Nothing here validates a request — the store
 checks transitions and field names with the pure functions of ``records`` before calling in.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from approvals.store import StoreError
-from approvals.store.records import STATUSES, Approval, AuditEvent, Status
+from approvals.core.model import STATUSES, STORED_FIELDS, Approval, AuditEvent, Status
+from approvals.errors import StoreError
 
 __all__ = [
     "APPROVALS_SCHEMA",
+    "LEASES_SCHEMA",
     "MESSAGE_REFS_SCHEMA",
     "PENDING_INDEXES_SCHEMA",
     "audit_events",
+    "changes_after",
     "count_pending",
     "drop_expired_results",
     "due_for_expiry",
@@ -29,6 +30,7 @@ __all__ = [
     "insert_approval",
     "insert_audit",
     "interrupted_releases",
+    "last_audit_seq",
     "list_approvals",
     "message_ref",
     "next_expiry",
@@ -143,13 +145,30 @@ CREATE INDEX approvals_pending_expiry ON approvals (expires_at, id) WHERE status
 DROP INDEX approvals_live_expiry;
 """
 
-_FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(Approval))
+# Schema v5. A released call is leased to the process that claimed it (owner id, expiry): only a
+# lease that ran out means the call was interrupted, so a process starting beside a live one never
+# fails the other's calls in flight.
+LEASES_SCHEMA = """
+ALTER TABLE approvals ADD COLUMN lease_owner TEXT;
+ALTER TABLE approvals ADD COLUMN lease_expires_at REAL;
+CREATE INDEX approvals_released_lease ON approvals (lease_expires_at) WHERE status = 'released';
+"""
+
+_FIELDS: tuple[str, ...] = STORED_FIELDS
 _COLUMN: Mapping[str, str] = {name: "grant_name" if name == "grant" else name for name in _FIELDS}
 _SELECT = ", ".join(_COLUMN[name] for name in _FIELDS)
 # UPDATE … RETURNING hands back a whole-number REAL as an int (SQLite stores such values compactly
 # and RETURNING skips the conversion a SELECT does), so these are made floats again on the way out.
 _REAL_FIELDS = frozenset(
-    {"created_at", "expires_at", "decided_at", "released_at", "finished_at", "result_expires_at"}
+    {
+        "created_at",
+        "expires_at",
+        "decided_at",
+        "released_at",
+        "finished_at",
+        "result_expires_at",
+        "lease_expires_at",
+    }
 )
 # Only pending requests expire on the clock: an approval given in time stands even when its release
 # is slow; a release waiting for rate-limit room expires it itself when the wait would pass expiry.
@@ -161,7 +180,7 @@ _AUDIT_COLUMNS = "seq, at, approval_id, event, actor, channel, args_sha256, deta
 
 def insert_approval(conn: sqlite3.Connection, approval: Approval) -> None:
     """Insert a new record (a duplicate id fails)."""
-    values = dataclasses.astuple(approval)
+    values = tuple(getattr(approval, name) for name in _FIELDS)
     marks = ", ".join("?" * len(values))
     conn.execute(f"INSERT INTO approvals ({_SELECT}) VALUES ({marks})", values)  # noqa: S608
 
@@ -237,7 +256,7 @@ def find_reusable(
 
 
 def count_pending(conn: sqlite3.Connection, grant: str) -> int:
-    """How many records of this grant a decision."""
+    """How many records of this grant await a decision."""
     cursor = conn.execute(
         "SELECT count(*) FROM approvals WHERE status = 'pending' AND grant_name = ?", (grant,)
     )
@@ -283,12 +302,13 @@ def due_for_expiry(conn: sqlite3.Connection, now: float) -> list[Approval]:
     return [_approval(row) for row in rows]
 
 
-def interrupted_releases(conn: sqlite3.Connection) -> list[Approval]:
-    """Records left in ``released``, oldest first."""
+def interrupted_releases(conn: sqlite3.Connection, now: float) -> list[Approval]:
+    """Records left in ``released`` whose lease ran out (or that have none), oldest first."""
     rows = _fetch(
         conn,
-        f"SELECT {_SELECT} FROM approvals WHERE status = 'released' ORDER BY created_at, id",  # noqa: S608
-        (),
+        f"SELECT {_SELECT} FROM approvals WHERE status = 'released'"  # noqa: S608
+        " AND (lease_expires_at IS NULL OR lease_expires_at <= ?) ORDER BY created_at, id",
+        (now,),
     )
     return [_approval(row) for row in rows]
 
@@ -379,3 +399,23 @@ def _approval(row: Any) -> Approval:
         if values[name] is not None:
             values[name] = float(values[name])
     return Approval(**values)
+
+
+def changes_after(conn: sqlite3.Connection, seq: int, limit: int) -> tuple[int, list[tuple[str, Approval]]]:
+    """The audit events after ``seq`` (oldest first, at most ``limit``), each with its approval as it
+    is now; and the last seq read."""
+    rows = conn.execute(
+        "SELECT seq, approval_id, event FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+    ).fetchall()
+    found: list[tuple[str, Approval]] = []
+    for _, approval_id, event in rows:
+        approval = get_approval(conn, approval_id)
+        if approval is not None:
+            found.append((str(event), approval))
+    return (int(rows[-1][0]) if rows else seq), found
+
+
+def last_audit_seq(conn: sqlite3.Connection) -> int:
+    """The newest audit seq, or 0."""
+    row = conn.execute("SELECT max(seq) FROM audit").fetchone()
+    return int(row[0]) if row is not None and row[0] is not None else 0

@@ -9,26 +9,29 @@
 `Authorization: Bearer <reviewer token>`. 401 without a known token, 403 for a token that is not a
 reviewer's and for a reviewer deciding their own agent's call, 404 unknown id, 409 already decided
 (the body names the decision and who took it). A decision's body, when there is one, must be a
-JSON object whose `reason` is a string (400 otherwise); JSON is read as UTF-8 whatever `charset`
-the Content-Type names, and is bounded as MCP bodies are (jsonrpc.MAX_JSON_DEPTH, finite numbers).
+JSON object whose `reason` is a string of at most render.MAX_REASON_CHARS (2000) characters (400
+otherwise); JSON is read as UTF-8 whatever `charset` the Content-Type names, and is bounded as
+MCP bodies are (jsonrpc.MAX_JSON_DEPTH, finite numbers).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from approvals.auth import TokenIndex, bearer_token, is_utf8
 from approvals.config import Principal
+from approvals.core import render
+from approvals.core.model import STATUSES, Approval, AuditEvent
+from approvals.core.service import ApprovalService
+from approvals.errors import DecisionRefused, RefusalKind, StoreError
 from approvals.jsonrpc import JsonInputError, decode_bytes
-from approvals.queue import ApprovalQueue, DecisionError
-from approvals.store import StoreError
-from approvals.store.records import STATUSES, Approval, AuditEvent
-from approvals.web.keys import GATEKEEPER, GRANTS, REVIEWERS
+from approvals.proxy.keys import GRANTS
+from approvals.web.keys import REVIEWERS, SERVICE
 
-MAX_REASON = 2000
 MAX_PAGE = 500
 
 
@@ -92,19 +95,22 @@ def _reviewer(request: web.Request) -> Principal | web.Response:
     )
 
 
-def _queue(request: web.Request) -> ApprovalQueue | web.Response:
-    queue = request.app[GATEKEEPER].queue
-    return queue if queue is not None else _error(503, "the approval queue is not running")
+# The web's answer to each kind of refused decision (the inbox answers with the same statuses).
+REFUSAL_STATUS: Mapping[RefusalKind, int] = {
+    "unknown": 404,
+    "own_agent": 403,
+    "not_reviewer": 403,
+    "already_decided": 409,
+    "expired": 409,
+}
 
 
-def _allowed(request: web.Request) -> tuple[Principal, ApprovalQueue] | web.Response:
-    """The reviewer making the request and the running queue, or the response refusing it."""
-    reviewer, queue = _reviewer(request), _queue(request)
+def _allowed(request: web.Request) -> tuple[Principal, ApprovalService] | web.Response:
+    """The reviewer making the request and the approval service, or the response refusing it."""
+    reviewer = _reviewer(request)
     if isinstance(reviewer, web.Response):
         return reviewer
-    if isinstance(queue, web.Response):
-        return queue
-    return reviewer, queue
+    return reviewer, request.app[SERVICE]
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -129,13 +135,13 @@ async def list_approvals(request: web.Request) -> web.Response:
     allowed = _allowed(request)
     if isinstance(allowed, web.Response):
         return allowed
-    _, queue = allowed
+    _, service = allowed
     status = request.query.get("status") or None
     if status is not None and status not in STATUSES:
         return _error(400, f"status must be one of {', '.join(STATUSES)}")
     limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
     offset = _int_param(request, "offset", 0, 0, 10**9)
-    approvals = await queue.store.list_approvals(
+    approvals = await service.list_approvals(
         status=status,
         upstream=request.query.get("upstream") or None,
         tool=request.query.get("tool") or None,
@@ -152,8 +158,8 @@ async def get_approval(request: web.Request) -> web.Response:
     allowed = _allowed(request)
     if isinstance(allowed, web.Response):
         return allowed
-    _, queue = allowed
-    approval = await queue.store.get_approval(request.match_info["id"])
+    _, service = allowed
+    approval = await service.get(request.match_info["id"])
     if approval is None:
         return _error(404, f"no approval {request.match_info['id']!r}")
     return web.json_response(approval_json(approval))
@@ -163,23 +169,24 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
     allowed = _allowed(request)
     if isinstance(allowed, web.Response):
         return allowed
-    reviewer, queue = allowed
+    reviewer, service = allowed
     reason = await _reason(request)
     if isinstance(reason, web.Response):
         return reason
     try:
-        decided = await queue.decide(
+        decided = await service.decide(
             request.match_info["id"], reviewer, approve=approve, reason=reason, channel="api"
         )
-    except DecisionError as exc:
+    except DecisionRefused as exc:
+        status = REFUSAL_STATUS[exc.kind]
         extra: dict[str, Any] = {}
-        if exc.approval is not None and exc.status == 409:
+        if exc.approval is not None and status == 409:
             extra = {
                 "status": exc.approval.status,
                 "decided_by": exc.approval.decided_by,
                 "approval": approval_json(exc.approval),
             }
-        return _error(exc.status, str(exc), **extra)
+        return _error(status, str(exc), **extra)
     return web.json_response(approval_json(decided))
 
 
@@ -207,7 +214,10 @@ async def _reason(request: web.Request) -> str | web.Response | None:
     if raw is not None and not is_utf8(raw):
         # JSON can spell a lone surrogate ("\ud800"); no store or channel can encode one.
         return _error(400, "reason must be Unicode text: it holds a lone surrogate (\\ud800-\\udfff)")
-    return raw.strip()[:MAX_REASON] if raw else None
+    reason = raw.strip() if raw else ""
+    if (too_long := render.reason_error(reason)) is not None:
+        return _error(400, too_long)  # not cut: the agent would be told half a reason
+    return reason or None
 
 
 def _kind(value: object) -> str:
@@ -235,8 +245,8 @@ async def audit(request: web.Request) -> web.Response:
     allowed = _allowed(request)
     if isinstance(allowed, web.Response):
         return allowed
-    _, queue = allowed
-    events = await queue.store.audit_events(
+    _, service = allowed
+    events = await service.audit(
         approval_id=request.query.get("approval_id") or None,
         after_seq=_int_param(request, "after", 0, 0, 2**62),
         limit=_int_param(request, "limit", 100, 1, 1000),

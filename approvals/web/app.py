@@ -1,35 +1,84 @@
-"""The application factory: one `web.Application` with every route, its resources on `cleanup_ctx`."""
+"""The application factory: one `web.Application` with every route, its parts opened before it
+is returned (`approvals.runtime`) and closed on cleanup."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from approvals.auth import TokenIndex
-from approvals.channels import slack
+from approvals.channels import Channel, Channels, slack
 from approvals.config import Settings
-from approvals.gatekeeper import Gatekeeper
 from approvals.jsonrpc import INVALID_REQUEST, encode, error_response
+from approvals.policy_files import WATCH_INTERVAL_SECONDS
 from approvals.proxy.gate import Gate
-from approvals.proxy.gateway import Gateway
 from approvals.proxy.handlers import add_routes
-from approvals.store.sqlite import SqliteStore
+from approvals.proxy.keys import GATE, GATEWAY, GRANTS
+from approvals.runtime import Runtime
+from approvals.store.sqlite_feed import POLL_SECONDS
 from approvals.web import api, inbox
-from approvals.web.keys import GATEKEEPER, GATEWAY, GRANTS, SETTINGS
+from approvals.web.keys import GATEKEEPER, SERVICE, SETTINGS
 from approvals.web.origin import allowed_hostnames, origin_middleware
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, gate: Gate | None = None) -> web.Application:
-    """Build the gateway application for `settings`; the gate defaults to its policies and limits.
+async def create_app(
+    settings: Settings,
+    gate: Gate | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    watch_interval: float = WATCH_INTERVAL_SECONDS,
+    poll_interval: float = POLL_SECONDS,
+) -> web.Application:
+    """The gateway application for `settings`, every part already started (closed on cleanup).
 
+    `gate` replaces the policies and limits in front of the upstreams (the proxy's own tests).
     Raises ConfigError when a policy file is invalid, before anything starts.
     """
-    app = web.Application(
+    runtime = await Runtime.open(
+        settings, clock=clock, watch_interval=watch_interval, poll_interval=poll_interval
+    )
+    try:
+        app = _application(settings)
+        app[SETTINGS] = settings
+        app[GRANTS] = TokenIndex(settings.grants)
+        app[GATEWAY] = runtime.gateway
+        app[GATE] = gate if gate is not None else runtime.gatekeeper
+        app[GATEKEEPER] = runtime.gatekeeper
+        app[SERVICE] = runtime.service
+        add_routes(app)
+        api.add_routes(app, TokenIndex(settings.reviewers))
+        views: list[Channel] = [inbox.setup(app, settings, runtime.service)]
+        notifiers: list[Channel] = []
+        if settings.slack is not None:
+            notifiers.append(slack.setup(app, settings, runtime.service))
+        app.router.add_get("/healthz", healthz)
+    except BaseException:
+        await runtime.close()
+        raise
+    channels = Channels.start(runtime.store, runtime.feed, views, notifiers)
+
+    async def drain(_: web.Application) -> None:
+        # aiohttp waits for requests in flight before cleanup; a client's idle GET stream or a held
+        # call would make every shutdown last the whole grace period.
+        runtime.drain()
+
+    async def close(_: web.Application) -> None:
+        await channels.close()
+        await runtime.close()
+
+    app.on_shutdown.append(drain)
+    app.on_cleanup.append(close)
+    return app
+
+
+def _application(settings: Settings) -> web.Application:
+    return web.Application(
         middlewares=[
             undecodable_input,
             plain_bodies_only,
@@ -44,21 +93,6 @@ def create_app(settings: Settings, gate: Gate | None = None) -> web.Application:
         # within it (from connect, or from the last response); its default is an hour.
         handler_args={"auto_decompress": False, "keepalive_timeout": settings.server.read_timeout_seconds},
     )
-    app[SETTINGS] = settings
-    app[GRANTS] = TokenIndex(settings.grants)
-    gate = gate if gate is not None else Gatekeeper(settings)
-    app[GATEWAY] = Gateway(settings, gate)
-    app.cleanup_ctx.append(_lifetime)
-    app.on_shutdown.append(_drain)
-    add_routes(app)
-    if isinstance(gate, Gatekeeper):
-        app[GATEKEEPER] = gate
-        api.add_routes(app, TokenIndex(settings.reviewers))
-        inbox.setup(app, settings, gate)
-        if settings.slack is not None:
-            slack.setup(app, settings, gate)
-    app.router.add_get("/healthz", healthz)
-    return app
 
 
 @web.middleware
@@ -102,30 +136,10 @@ def _refusal(request: web.Request, status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-async def _lifetime(app: web.Application) -> AsyncIterator[None]:
-    """Open the store, start the gate and the gateway; on shutdown, close them in reverse."""
-    gateway = app[GATEWAY]
-    store = await SqliteStore.open(app[SETTINGS].store.path)
-    try:
-        await gateway.gate.start(store, gateway)
-        await gateway.start()
-        yield
-    finally:
-        await gateway.close()
-        await gateway.gate.close()
-        await store.close()
-
-
-async def _drain(app: web.Application) -> None:
-    # aiohttp waits for requests in flight before cleanup; a client's idle GET stream or a held
-    # call would make every shutdown last the whole grace period.
-    app[GATEWAY].drain()
-
-
 async def healthz(request: web.Request) -> web.Response:
     """Liveness plus what an operator needs at a glance (policy reload errors make it "degraded")."""
     gateway = request.app[GATEWAY]
-    problems = gateway.gate.health()
+    problems = request.app[GATE].health()
     body = {
         "status": "degraded" if problems else "ok",
         "sessions": len(gateway.sessions),

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from approvals.auth import TokenIndex
 from approvals.config import Settings
-from approvals.gatekeeper import Gatekeeper
+from approvals.core.service import ApprovalService
 from approvals.web import inbox_format as fmt
 from approvals.web import inbox_history, inbox_login, inbox_views
 from approvals.web.inbox_auth import InboxAuth
@@ -54,13 +54,12 @@ def templates() -> jinja2.Environment:
     return env
 
 
-def setup(app: web.Application, settings: Settings, gatekeeper: Gatekeeper) -> None:
-    """Mount /inbox and register the inbox's live-feed channel."""
+def setup(app: web.Application, settings: Settings, service: ApprovalService) -> LiveFeed:
+    """Mount /inbox; the inbox's live feed is returned, to be told of every change."""
     feed = LiveFeed()
-    gatekeeper.channel_list.append(feed)
     app[inbox_views.INBOX] = inbox_views.Inbox(
         settings=settings,
-        gatekeeper=gatekeeper,
+        service=service,
         auth=InboxAuth(settings.reviewers, settings.inbox.session_secret, settings.inbox.session_hours),
         feed=feed,
         templates=templates(),
@@ -84,3 +83,4 @@ def setup(app: web.Application, settings: Settings, gatekeeper: Gatekeeper) -> N
     add.add_get("/inbox/history.csv", inbox_history.history_csv)
     add.add_get("/inbox/history.json", inbox_history.history_json)
     add.add_static("/inbox/static", HERE / "static", append_version=False)
+    return feed

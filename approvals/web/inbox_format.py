@@ -1,69 +1,38 @@
-"""How the inbox shows approvals: one-line summaries, times, outcomes, visible invisibles (pure).
+"""How the inbox shows approvals: argument trees, folds, results, times, exports (pure).
 
-Everything here takes values (and `now`) and returns plain strings or structures that the templates
-render as text; nothing here produces HTML. Untrusted text can carry characters a reviewer cannot
-see — bidirectional overrides that reorder what follows, zero-width characters, control
-characters — so they are turned into visible markers (`⟦U+202E⟧`) or marked segments.
+The wording every channel shares (durations, decisions, outcomes, argument summaries, markers for
+hidden characters) is approvals.core.render's; this module adds what only the inbox shows. It takes
+values (and `now`) and returns plain strings or structures that the templates render as text;
+nothing here produces HTML.
 """
 
 from __future__ import annotations
 
 import json
-import unicodedata
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
-from json.encoder import encode_basestring, encode_basestring_ascii
-from typing import Any, Literal
+from typing import Any
 
-from approvals.store.records import Approval, AuditEvent
+from approvals.core import render
+from approvals.core.model import Approval, AuditEvent
 
-SUMMARY_WIDTH = 140
 FOLD_CHARS = 600  # strings longer than this (or with many lines) are folded in a <details>
 FOLD_LINES = 12
 MAX_DEPTH = 24  # deeper JSON is shown as indented text instead of a tree
-INDENT_LEVELS = 40  # indented JSON text indents no further than this
 RESULT_CHARS = 20_000  # the detail page shows this much of a kept result; the API has all of it
 CSV_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
-_KEEP = frozenset("\n\t")
-Segment = tuple[Literal["text", "mark"], str]
 
 
-def _hidden(char: str) -> bool:
-    """Characters that are invisible or change how the text around them is drawn."""
-    return char not in _KEEP and unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")
-
-
-def _code(char: str) -> str:
-    return f"U+{ord(char):04X}"
-
-
-def segments(text: str) -> list[Segment]:
-    """`text` split into plain runs and one marker per hidden character, for the argument view."""
-    out: list[Segment] = []
-    run: list[str] = []
-    for char in text:
-        if _hidden(char):
-            if run:
-                out.append(("text", "".join(run)))
-                run = []
-            out.append(("mark", _code(char)))
-        else:
-            run.append(char)
-    if run:
-        out.append(("text", "".join(run)))
-    return out
-
-
-def visible(text: object) -> str:
-    """`text` with every hidden character shown as ⟦U+XXXX⟧ (for names, summaries, reasons)."""
-    value = "" if text is None else str(text)
-    if not any(_hidden(c) for c in value):
-        return value
-    return "".join(f"⟦{_code(c)}⟧" if _hidden(c) else c for c in value)
-
-
-def one_line(text: str) -> str:
-    return " ".join(visible(text).replace("\t", " ").split())
+# One wording for every channel: these live in approvals.core.render and are re-exported here for
+# the templates and the inbox's modules.
+visible = render.visible
+segments = render.segments
+one_line = render.one_line
+summary = render.summary
+json_chunks = render.json_chunks
+decision_text = render.decision_text
+outcome = render.outcome
+_hidden = render.is_hidden
 
 
 def count_hidden(value: Any) -> int:
@@ -83,96 +52,9 @@ def arguments(approval: Approval) -> Any:
         return approval.arguments_json
 
 
-def summary(value: Any, width: int = SUMMARY_WIDTH) -> str:
-    """One line for the list: `to: "ops@example.com", subject: "Numbers"`, cut with … past `width`.
-
-    The list is a preview; the detail page always shows the arguments in full.
-    """
-    if isinstance(value, dict):
-        text = ", ".join(f"{one_line(str(k))}: {_scalar(v)}" for k, v in value.items())
-    else:
-        text = _scalar(value)
-    text = text or "(no arguments)"
-    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, str):
-        return f'"{one_line(value[:400])}"'
-    return one_line(_first(json_chunks(value), 400))
-
-
-def _first(chunks: Iterable[str], limit: int) -> str:
-    """The first `limit` characters of the joined chunks, without producing the rest."""
-    out: list[str] = []
-    size = 0
-    for chunk in chunks:
-        out.append(chunk)
-        size += len(chunk)
-        if size >= limit:
-            break
-    return "".join(out)[:limit]
-
-
 def pretty_json(value: Any) -> str:
     """Indented JSON text, hidden characters escaped (`\\u202e`), so nothing is drawn invisibly."""
     return "".join(json_chunks(value, indent=2)).translate(_ESCAPES)
-
-
-_END = object()
-
-
-def json_chunks(value: Any, indent: int | None = None, ensure_ascii: bool = False) -> Iterator[str]:
-    """json.dumps's text for `value` (with `indent`: its indented form), piece by piece.
-
-    An explicit stack, not recursion: json.dumps (and a recursive template) fail on values nested a
-    few hundred levels deep, and such a request must still be shown to be reviewed.
-    """
-    encode = encode_basestring_ascii if ensure_ascii else encode_basestring
-    item_sep = "," if indent is not None else ", "
-    stack: list[tuple[Iterator[tuple[Any, Any]], str]] = []
-    node, first = value, True
-    while True:
-        if node is not _END:
-            if isinstance(node, dict) and node:
-                yield "{"
-                stack.append((iter(node.items()), "}"))
-                first = True
-            elif isinstance(node, list | tuple) and node:
-                yield "["
-                stack.append((((_END, v) for v in node), "]"))
-                first = True
-            else:
-                yield _json_scalar(node, encode)
-        if not stack:
-            return
-        pairs, closer = stack[-1]
-        key, node = next(pairs, (_END, _END))
-        if node is _END:
-            stack.pop()
-            yield _newline(indent, len(stack)) + closer
-            continue
-        yield ("" if first else item_sep) + _newline(indent, len(stack))
-        first = False
-        if key is not _END:
-            yield encode(str(key)) + ": "
-
-
-def _newline(indent: int | None, level: int) -> str:
-    # Indentation stops growing at INDENT_LEVELS: a value n levels deep would otherwise take n² spaces.
-    return "" if indent is None else "\n" + " " * (indent * min(level, INDENT_LEVELS))
-
-
-def _json_scalar(value: Any, encode: Any) -> str:
-    if isinstance(value, str):
-        return str(encode(value))
-    if value is None or isinstance(value, bool | int | float):
-        return json.dumps(value)
-    if isinstance(value, dict):
-        return "{}"
-    if isinstance(value, list | tuple):
-        return "[]"
-    return str(encode(str(value)))  # not JSON (never from json.loads): shown as its text
 
 
 Token = tuple[str, str]
@@ -215,7 +97,7 @@ def _scalar_token(value: Any) -> Token:
     if isinstance(value, str):
         return ("str", value)
     if value is None or isinstance(value, bool | dict | list):
-        return ("lit", _json_scalar(value, encode_basestring))
+        return ("lit", render.json_scalar(value))
     if isinstance(value, int | float):
         return ("num", json.dumps(value))
     return ("str", str(value))
@@ -271,48 +153,15 @@ def iso_machine(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def span(seconds: float) -> str:
-    """A whole-unit duration: "40 s", "3 min", "2 h", "4 d"."""
-    seconds = max(seconds, 0.0)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)} {unit}"
-    return f"{int(seconds)} s"
-
-
 def age(approval: Approval, now: float) -> str:
-    return "just now" if now - approval.created_at < 5 else f"{span(now - approval.created_at)} ago"
+    return render.ago(approval.created_at, now)
 
 
 def time_left(approval: Approval, now: float) -> str:
-    left = approval.expires_at - now
-    return "expiring" if left <= 0 else f"{span(left)} left"
+    return render.time_left(approval.expires_at, now)
 
 
 # ---- outcomes --------------------------------------------------------------------------------
-
-
-def outcome(approval: Approval) -> str:
-    """What became of a decided call, in a few words (the upstream's answer for released calls)."""
-    status = approval.status
-    if status == "approved":
-        return "approved, waiting to be released"
-    if status == "released":
-        return "released, waiting for the upstream"
-    if status not in ("completed", "failed"):
-        return ""
-    kept = _kept(approval)
-    if status == "failed":
-        error = kept.get("error") if kept else None
-        message = error.get("message") if isinstance(error, dict) else None
-        why = message if isinstance(message, str) else approval.reason
-        return f"failed: {one_line(why)}" if why else "failed"
-    if kept is None:
-        return "completed (result no longer kept)"
-    result = kept.get("result")
-    if isinstance(result, dict) and result.get("isError") is True:
-        return "completed: the tool reported an error"
-    return "completed"
 
 
 def _kept(approval: Approval) -> dict[str, Any] | None:
@@ -375,15 +224,6 @@ def args_note(status: str) -> str:
     if status in ("released", "completed", "failed"):
         return "exactly these arguments were sent."
     return "these arguments were not sent."
-
-
-def decision_text(approval: Approval) -> str:
-    """ "Denied by bob via web", "Approved by alice", or the state itself ("Expired")."""
-    if not approval.decided_by:
-        return approval.status.capitalize()
-    verb = "Denied" if approval.status == "denied" else "Approved"
-    via = f" via {visible(approval.decided_via)}" if approval.decided_via else ""
-    return f"{verb} by {visible(approval.decided_by)}{via}"
 
 
 def timeline(events: Iterable[AuditEvent]) -> list[dict[str, str]]:

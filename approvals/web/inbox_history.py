@@ -24,7 +24,8 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from approvals.store.records import Approval, Status
+from approvals.core import render
+from approvals.core.model import Approval, Status
 from approvals.web import inbox_format as fmt
 from approvals.web.api import approval_json
 from approvals.web.inbox_auth import Session
@@ -164,9 +165,7 @@ def _by_decided(found: list[Approval]) -> list[Approval]:
 
 
 def decision(approval: Approval) -> str:
-    if approval.status in APPROVED:
-        return "approved"
-    return approval.status
+    return render.decided(approval.status)
 
 
 async def _history(request: web.Request, inbox: Inbox, session: Session, form: Form) -> web.StreamResponse:
@@ -194,7 +193,7 @@ async def _history(request: web.Request, inbox: Inbox, session: Session, form: F
                 "reason": fmt.one_line(a.reason or ""),
                 "decided_iso": fmt.iso(a.decided_at),
                 "finished_iso": fmt.iso(a.finished_at),
-                "via": a.decided_via or "",
+                "via": render.channel_name(a.decided_via),
             }
             for a in shown
         ],

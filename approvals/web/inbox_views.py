@@ -20,18 +20,20 @@ from multidict import MultiDict, MultiDictProxy
 
 from approvals.auth import TokenIndex
 from approvals.config import Settings
-from approvals.gatekeeper import Gatekeeper
-from approvals.queue import ApprovalQueue, DecisionError
-from approvals.store import ApprovalStore
-from approvals.store.records import Approval
+from approvals.core import render
+from approvals.core.model import Approval
+from approvals.core.ports import ApprovalStore
+from approvals.core.service import ApprovalService
+from approvals.errors import DecisionRefused
 from approvals.web import inbox_auth as auth
 from approvals.web import inbox_format as fmt
+from approvals.web.api import REFUSAL_STATUS
 from approvals.web.inbox_auth import InboxAuth, Session
 from approvals.web.live import Filters, LiveFeed
 
 log = logging.getLogger(__name__)
 
-MAX_REASON = 2000
+MAX_REASON = render.MAX_REASON_CHARS  # the form's maxlength stops typing at it; longer is cut
 LIST_LIMIT = 200
 COUNT_LIMIT = 500
 VIEW_AGAIN_SECONDS = 600.0  # a reviewer re-opening a page within this is not logged as a new view
@@ -44,7 +46,7 @@ class Inbox:
     """Everything the pages use, held on the app (no module globals)."""
 
     settings: Settings
-    gatekeeper: Gatekeeper
+    service: ApprovalService
     auth: InboxAuth
     feed: LiveFeed
     templates: jinja2.Environment
@@ -52,17 +54,11 @@ class Inbox:
     grants: TokenIndex
 
     def now(self) -> float:
-        return self.gatekeeper.clock()
-
-    @property
-    def queue(self) -> ApprovalQueue:
-        if self.gatekeeper.queue is None:
-            raise web.HTTPServiceUnavailable(text="the approval queue is not running")
-        return self.gatekeeper.queue
+        return self.service.clock()
 
     @property
     def store(self) -> ApprovalStore:
-        return self.queue.store
+        return self.service.store
 
     def secure(self, request: web.Request) -> bool:
         return auth.served_over_https(request, self.settings.server.public_url)
@@ -313,6 +309,7 @@ async def _detail_page(
         done=_done(done, approval, session),
         error=error,
         reason=reason,
+        max_reason=MAX_REASON,
         live_url=f"/inbox/events?{urlencode({'id': approval.id})}",
     )
 
@@ -337,23 +334,27 @@ async def _decide(
             request, inbox, session, approval, status=400, error="Say why you deny it: the agent is told."
         )
     try:
-        decided = await inbox.queue.decide(
+        decided = await inbox.service.decide(
             approval_id, session.reviewer, approve=approve, reason=reason, channel="web"
         )
-    except DecisionError as exc:
+    except DecisionRefused as exc:
         return _refusal(request, inbox, exc)
     log.info("inbox: %s %s approval %s", session.reviewer.name, decided.status, decided.id)
     return redirect(f"/inbox/approvals/{decided.id}?done={decided.status}")
 
 
-def _refusal(request: web.Request, inbox: Inbox, exc: DecisionError) -> web.Response:
+def _refusal(request: web.Request, inbox: Inbox, exc: DecisionRefused) -> web.Response:
     approval = exc.approval
-    if exc.status == 404:
+    status = REFUSAL_STATUS[exc.kind]
+    if status == 404:
         return inbox.error(request, 404, "Not found", "There is no approval with this id.")
-    if exc.status == 409 and approval is not None:
-        return inbox.render(request, "conflict.html", 409, a=approval, item=list_item(approval, inbox.now()))
-    title = "Not yours to decide" if exc.status == 403 else "Refused"
-    return inbox.error(request, exc.status, title, str(exc), approval_id=approval.id if approval else None)
+    if status == 409 and approval is not None:
+        item = list_item(approval, inbox.now())
+        via = render.channel_name(approval.decided_via)
+        verb = render.decided(approval.status)
+        return inbox.render(request, "conflict.html", 409, a=approval, item=item, via=via, verb=verb)
+    title = "Not yours to decide" if status == 403 else "Refused"
+    return inbox.error(request, status, title, str(exc), approval_id=approval.id if approval else None)
 
 
 async def _approve(request: web.Request, inbox: Inbox, session: Session, form: Form) -> web.StreamResponse:

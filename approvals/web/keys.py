@@ -1,4 +1,7 @@
-"""Typed keys for what the application holds (no module globals)."""
+"""Typed keys for what the web side finds on the application (no module globals).
+
+The proxy's own keys (GATEWAY, GATE, GRANTS) are in `approvals.proxy.keys`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,10 @@ from aiohttp import web
 
 from approvals.auth import TokenIndex
 from approvals.config import Settings
+from approvals.core.service import ApprovalService
 from approvals.gatekeeper import Gatekeeper
-from approvals.proxy.gateway import Gateway
 
 SETTINGS = web.AppKey("settings", Settings)
-GATEWAY = web.AppKey("gateway", Gateway)
-GRANTS = web.AppKey("grants", TokenIndex)
 GATEKEEPER = web.AppKey("gatekeeper", Gatekeeper)
+SERVICE = web.AppKey("service", ApprovalService)
 REVIEWERS = web.AppKey("reviewers", TokenIndex)

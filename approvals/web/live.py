@@ -19,8 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from approvals.channels import Change
-from approvals.store.records import Approval
+from approvals.channels import ChangeKind
+from approvals.core.model import Approval
 
 BACKLOG = 256  # events a slow page may fall behind before it is disconnected
 HEARTBEAT_SECONDS = 15.0
@@ -48,10 +48,10 @@ class Filters:
 class _Subscriber:
     def __init__(self, filters: Filters) -> None:
         self.filters = filters
-        self.events: asyncio.Queue[tuple[Change, Approval] | None] = asyncio.Queue(BACKLOG)
+        self.events: asyncio.Queue[tuple[ChangeKind, Approval] | None] = asyncio.Queue(BACKLOG)
         self.ended = False
 
-    def push(self, item: tuple[Change, Approval] | None) -> None:
+    def push(self, item: tuple[ChangeKind, Approval] | None) -> None:
         try:
             self.events.put_nowait(item)
         except asyncio.QueueFull:
@@ -70,13 +70,13 @@ class LiveFeed:
         self._subscribers: set[_Subscriber] = set()
         self._closed = False
 
-    async def announce(self, approval: Approval, change: Change) -> None:
+    async def announce(self, approval: Approval, change: ChangeKind) -> None:
         for subscriber in list(self._subscribers):
             if not subscriber.ended and subscriber.filters.matches(approval):
                 subscriber.push((change, approval))
 
     @contextlib.contextmanager
-    def _subscribe(self, filters: Filters) -> Iterator[_Subscriber]:
+    def subscription(self, filters: Filters) -> Iterator[_Subscriber]:
         subscriber = _Subscriber(filters)
         if self._closed:
             subscriber.push(None)
@@ -111,7 +111,7 @@ class LiveFeed:
         )
         # Subscribe before reading the snapshot, so nothing that happens in between is missed
         # (an event already in the snapshot arrives again; pages apply events idempotently).
-        with self._subscribe(filters) as subscriber:
+        with self.subscription(filters) as subscriber:
             await response.prepare(request)
             try:
                 await response.write(f"retry: {RETRY_MS}\n\n".encode())

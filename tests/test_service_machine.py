@@ -1,10 +1,14 @@
-"""The approval queue as a state machine: random arrivals, decisions, cancels, tool changes, expiry
-and restarts against the real queue, store, limiter and catalog, in front of an in-memory upstream.
+"""The approval service as a state machine: random arrivals, decisions, cancels, tool changes, expiry
+and restarts against the real service, limiter and catalog, over each store (SQLite and the
+in-memory twin), in front of an in-memory upstream.
 
-The clock is a list cell the machine advances; every rule runs on one event loop, and background
-work (releases, notifications, the expiry task) goes on between and during rules as it would in the
-gateway. After every step the machine reads the store's records and audit log and the upstream's
-record of what it received, and checks the promises of the life cycle against them.
+Everything goes through the service's public API (``open(expire_on_clock=False)``, ``admit``,
+``decide``, ``cancel``, ``expire_due``, ``settled``, ``follow``, ``close``) and its change feed: a
+listener hears every announcement, as the inbox and Slack do. The clock is a list cell the machine
+advances; every rule runs on one event loop, and background work (releases, delivery marks) goes on
+between and during rules as it would in the gateway. After every step the machine reads the store's
+records and audit log and the upstream's record of what it received, and checks the promises of
+the life cycle against them.
 """
 
 from __future__ import annotations
@@ -23,24 +27,39 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from approvals.channels import Change, Channels
 from approvals.config import Principal, Settings
+from approvals.core.feed import LocalFeed
+from approvals.core.model import (
+    FINAL,
+    Approval,
+    AuditEvent,
+    Hold,
+    Status,
+    ToolCall,
+    canonical_json,
+    sha256_of,
+)
+from approvals.core.ports import Change, Listener, Store
+from approvals.core.service import ApprovalService
+from approvals.errors import DecisionRefused, RefusalKind
 from approvals.jsonrpc import JsonObject
 from approvals.limits import RateLimiter
 from approvals.policy import Decision, Limit
-from approvals.proxy.gate import Hold, ToolCall
-from approvals.queue import ApprovalQueue, DecisionError
-from approvals.store.records import FINAL, Approval, AuditEvent, Status, canonical_json, sha256_of
+from approvals.store.memory import MemoryStore
 from approvals.store.sqlite import SqliteStore
 from approvals.tool_catalog import ToolCatalog, fingerprint
 from tests.conftest import settings_for
 
 T = TypeVar("T")
+StoreKind = Literal["sqlite", "memory"]
 WAIT = 30.0  # the bound on every step: a release that sleeps for a rate-limit window fails the test
+# The bound on hearing a change already published: the listener only has to be scheduled once.
+HEAR_WAIT = 5.0
 NOW = 1_800_000_000.0  # the start of a UTC hour
 UPSTREAM = "demo"
 TOOL = "send"
@@ -70,6 +89,8 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=2), inner, max_size=2),
     max_leaves=4,
 )
+# Where a failed background task or a stray asyncio error is logged (never raised).
+WATCHED_LOGS = ("approvals.core.service", "asyncio")
 
 
 @dataclass(frozen=True)
@@ -138,8 +159,14 @@ class MemoryUpstream:
         return {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": text}]}}
 
 
-class LoggedStore(SqliteStore):
-    """The real store, which also notes each committed transition on the upstream's timeline."""
+def _note(timeline: list[Seen], moved: Approval | None, approval_id: str, to: Status) -> Approval | None:
+    if moved is not None:
+        timeline.append(Moved(approval_id, to))
+    return moved
+
+
+class LoggedSqliteStore(SqliteStore):
+    """The SQLite store, which also notes each committed transition on the upstream's timeline."""
 
     timeline: list[Seen]
 
@@ -157,42 +184,90 @@ class LoggedStore(SqliteStore):
         moved = await super().transition(
             approval_id, from_=from_, to=to, actor=actor, channel=channel, event=event, **fields
         )
-        if moved is not None:
-            self.timeline.append(Moved(approval_id, to))
-        return moved
+        return _note(self.timeline, moved, approval_id, to)
 
 
-class Announcements:
-    """A channel that keeps what it is told, and fails to post new requests (as Slack may)."""
+class LoggedMemoryStore(MemoryStore):
+    """The in-memory store, which also notes each committed transition on the upstream's timeline."""
 
-    name = "recorder"
+    timeline: list[Seen]
 
-    def __init__(self, *, failing: bool = True) -> None:
-        self.seen: list[tuple[Change, Approval]] = []
-        self._failing = failing
+    async def transition(
+        self,
+        approval_id: str,
+        *,
+        from_: Collection[Status],
+        to: Status,
+        actor: str,
+        channel: str,
+        event: str | None = None,
+        **fields: object,
+    ) -> Approval | None:
+        moved = await super().transition(
+            approval_id, from_=from_, to=to, actor=actor, channel=channel, event=event, **fields
+        )
+        return _note(self.timeline, moved, approval_id, to)
 
-    async def announce(self, approval: Approval, change: Change) -> None:
-        self.seen.append((change, approval))
-        if change == "created" and self._failing:
-            raise ConnectionError("the channel is down")
+
+class Database:
+    """What outlives a process: a SQLite file, or one in-memory store kept across restarts."""
+
+    def __init__(self, kind: StoreKind, path: pathlib.Path, timeline: list[Seen]) -> None:
+        self.kind = kind
+        self._path = path
+        self._timeline = timeline
+        self._memory: LoggedMemoryStore | None = None
+
+    async def open(self, clock: Callable[[], float]) -> Store:
+        store: SqliteStore | LoggedMemoryStore
+        if self.kind == "sqlite":
+            store = await LoggedSqliteStore.open(self._path, clock=clock)
+            assert isinstance(store, LoggedSqliteStore)
+        else:
+            # Closing the memory store keeps its data: the "file" the next start opens.
+            self._memory = self._memory or LoggedMemoryStore(clock=clock)
+            store = self._memory
+        store.timeline = self._timeline
+        return store
 
 
-class Wakeup(asyncio.Event):
-    """The queue's wake-up event; `asleep` is set while the expiry task waits on it with nothing to do."""
+class Heard:
+    """Every change a listener of the feed heard, across restarts (one listener per start)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.asleep = asyncio.Event()
+        self.changes: list[Change] = []
+        self._grew = asyncio.Event()
 
-    async def wait(self) -> Literal[True]:
-        # The expiry task calls this through wait_for; on 3.11 a zero timeout (something is due)
-        # cancels the wait before it starts, so only a real sleep ever shows as `asleep`.
-        if not self.is_set():
-            self.asleep.set()
+    async def follow(self, listener: Listener) -> None:
+        async for change in listener:
+            self.changes.append(change)
+            self._grew.set()
+
+    def finals(self) -> set[tuple[str, Status]]:
+        return {(c.approval.id, c.approval.status) for c in self.changes if c.approval.status in FINAL}
+
+    async def until(self, heard: Callable[[], bool]) -> bool:
+        """Whether ``heard()`` came true within HEAR_WAIT (it is checked after every change heard)."""
         try:
-            return await super().wait()
-        finally:
-            self.asleep.clear()
+            async with asyncio.timeout(HEAR_WAIT):
+                while not heard():
+                    self._grew.clear()
+                    await self._grew.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass
+class Running:
+    """One process's service and the parts it was opened with."""
+
+    service: ApprovalService
+    store: Store
+    feed: LocalFeed
+    limiter: RateLimiter
+    catalog: ToolCatalog
+    hearing: asyncio.Task[None]
 
 
 class ErrorLog(logging.Handler):
@@ -222,41 +297,37 @@ def decision(timeout: float | None) -> Decision:
     )
 
 
-async def open_queue(
-    settings: Settings,
-    path: pathlib.Path,
-    upstream: MemoryUpstream,
-    clock: Callable[[], float],
-    channel: Announcements,
-) -> ApprovalQueue:
-    """A started queue over a real store, limiter and catalog, as the gatekeeper builds it."""
-    store = await LoggedStore.open(path, clock=clock)
-    assert isinstance(store, LoggedStore)
-    store.timeline = upstream.seen
+async def open_service(
+    settings: Settings, database: Database, upstream: MemoryUpstream, clock: Callable[[], float], heard: Heard
+) -> Running:
+    """A service over the database's store, a limiter and a catalog, as the runtime builds it, with
+    a listener on its feed from before it opens (so recovery's changes are heard too)."""
+    store = await database.open(clock)
+    feed = LocalFeed()
+    hearing = asyncio.create_task(heard.follow(feed.listen()), name="machine-listener")
     limiter = RateLimiter(store, clock=clock)
     await limiter.start()
-    queue = ApprovalQueue(
+    catalog = ToolCatalog(upstream)
+    service = await ApprovalService.open(
         settings,
-        store,
-        limiter,
-        upstream,
-        ToolCatalog(upstream),
-        Channels(store, [channel]),
-        call_limits,
+        store=store,
+        counters=limiter,
+        upstreams=upstream,
+        catalog=catalog,
+        feed=feed,
+        limits_for=call_limits,
         clock=clock,
+        expire_on_clock=False,
     )
-    queue._wakeup = Wakeup()
-    await queue.start()
-    return queue
+    return Running(service, store, feed, limiter, catalog, hearing)
 
 
-async def close_queue(queue: ApprovalQueue) -> None:
-    await queue.close()
-    await queue.channels.close()
-    await queue.limiter.close()
-    store = queue.store
-    assert isinstance(store, SqliteStore)
-    await store.close()
+async def close_service(running: Running) -> None:
+    await running.service.close()
+    running.feed.close()  # ends the listener
+    await running.hearing
+    await running.limiter.close()
+    await running.store.close()
 
 
 async def _bounded(coro: Coroutine[Any, Any, T]) -> T:
@@ -265,19 +336,21 @@ async def _bounded(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def _decide(
-    queue: ApprovalQueue, approval_id: str, reviewer: Principal, approve: bool
-) -> Approval | int:
-    """The decided record, or the HTTP status of the refusal."""
+    service: ApprovalService, approval_id: str, reviewer: Principal, approve: bool
+) -> Approval | RefusalKind:
+    """The decided record, or the kind of the refusal."""
     try:
-        return await queue.decide(
+        return await service.decide(
             approval_id, reviewer, approve=approve, reason=None if approve else "not now", channel="web"
         )
-    except DecisionError as refused:
-        return refused.status
+    except DecisionRefused as refused:
+        return refused.kind
 
 
-class QueueMachine(RuleBasedStateMachine):
-    """Random arrivals, decisions, cancels, tool changes, clock moves, expiry and restarts of one queue."""
+class ServiceMachine(RuleBasedStateMachine):
+    """Random arrivals, decisions, cancels, tool changes, clock moves, expiry and restarts of one service."""
+
+    kind: StoreKind = "sqlite"
 
     def __init__(self) -> None:
         super().__init__()
@@ -286,7 +359,7 @@ class QueueMachine(RuleBasedStateMachine):
         self._path = pathlib.Path(self._dir.name)
         self._runner = asyncio.Runner()
         self._errors = ErrorLog()
-        for name in ("approvals.queue", "asyncio"):
+        for name in WATCHED_LOGS:
             logging.getLogger(name).addHandler(self._errors)
         self.settings = settings_for(
             self._path,
@@ -294,50 +367,56 @@ class QueueMachine(RuleBasedStateMachine):
             approvals={"timeout": "10m", "max_pending_per_grant": MAX_PENDING},
         )
         self.upstream = MemoryUpstream()
-        self.channel = Announcements()
-        self.queue = self._run(self._open())
+        self.database = Database(self.kind, self._path / "a.db", self.upstream.seen)
+        self.heard = Heard()
+        self.running = self._run(self._open())
         self.calls: list[tuple[str, JsonObject]] = []  # every (grant, arguments) asked, to repeat
         self.admitted: dict[str, JsonObject] = {}  # by the session that opened the request
         self.ids: list[str] = []  # in the order they were first seen, so draws replay
         self.grant_of: dict[str, str] = {}
-        self.holds: dict[str, list[Hold]] = defaultdict(list)  # calls held on this queue
+        self.holds: dict[str, list[Hold]] = defaultdict(list)  # calls held (and open) on this service
         self.first_tool_sha: dict[str, str] = {}
         self.finals: dict[str, tuple[Status, int, float | None, str | None]] = {}
-        self.unannounced: set[str] = set()  # final when the process stopped: its news may be lost
+        self.unannounced: set[str] = set()  # final when the process stopped, not heard: may be lost
         self._counter = itertools.count()
 
     def clock(self) -> float:
         return self.now[0]
 
     @property
-    def store(self) -> SqliteStore:
-        store = self.queue.store
-        assert isinstance(store, SqliteStore)
-        return store
+    def service(self) -> ApprovalService:
+        return self.running.service
 
     @property
-    def wakeup(self) -> Wakeup:
-        assert isinstance(self.queue._wakeup, Wakeup)
-        return self.queue._wakeup
+    def store(self) -> Store:
+        return self.running.store
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._runner.run(_bounded(coro))
 
-    async def _open(self) -> ApprovalQueue:
-        return await open_queue(self.settings, self._path / "a.db", self.upstream, self.clock, self.channel)
+    async def _open(self) -> Running:
+        return await open_service(self.settings, self.database, self.upstream, self.clock, self.heard)
 
     def teardown(self) -> None:
         try:
-            self._run(close_queue(self.queue))
+            self._close_holds()
+            self._run(close_service(self.running))
         finally:
-            for name in ("approvals.queue", "asyncio"):
+            for name in WATCHED_LOGS:
                 logging.getLogger(name).removeHandler(self._errors)
             self._runner.close()
             self._dir.cleanup()
 
-    def _busy(self) -> bool:
-        """Whether a release (or other queue task) is in flight and may move a record meanwhile."""
-        return bool(self.queue._tasks)
+    async def _close(self) -> None:
+        self._close_holds()
+        assert self.running.feed.watched() == 0, "a closed hold left its watch behind"
+        await close_service(self.running)
+
+    def _close_holds(self) -> None:
+        for holds in self.holds.values():
+            for hold in holds:
+                hold.close()
+        self.holds.clear()
 
     # ---- arrivals ------------------------------------------------------------------------------
 
@@ -365,9 +444,15 @@ class QueueMachine(RuleBasedStateMachine):
 
     async def _admit(self, grant: str, arguments: JsonObject, timeout: float | None, copies: int) -> None:
         sessions = [f"s{next(self._counter)}" for _ in range(copies)]
+        # Results already handed to a client: flags never go back, so no admission may attach to these.
+        delivered = {
+            a.id
+            for a in await self.service.list_approvals(limit=10_000)
+            if a.status in ("completed", "failed") and a.result_delivered
+        }
         admissions = await asyncio.gather(
             *(
-                self.queue.admit(ToolCall(UPSTREAM, grant, session, TOOL, arguments), decision(timeout))
+                self.service.admit(ToolCall(UPSTREAM, grant, session, TOOL, arguments), decision(timeout))
                 for session in sessions
             )
         )
@@ -380,10 +465,11 @@ class QueueMachine(RuleBasedStateMachine):
                 assert code in ("rate_limited", "too_many_pending"), code
                 event(f"admit refused: {code}")
                 continue
-            approval = await self.store.get_approval(admission.hold.approval_id)
+            approval = await self.service.get(admission.hold.approval_id)
             assert approval is not None
             assert (approval.grant, approval.upstream, approval.tool) == (grant, UPSTREAM, TOOL)
             assert approval.args_sha256 == sha256_of(arguments)
+            assert approval.id not in delivered, "a repeat call got a result already delivered"
             held.add(approval.id)
             if approval.id not in self.ids:
                 self.ids.append(approval.id)
@@ -394,7 +480,7 @@ class QueueMachine(RuleBasedStateMachine):
                 assert approval.id not in self.first_tool_sha
                 self.admitted[session] = arguments
                 self.first_tool_sha[approval.id] = approval.tool_sha256
-                assert canonical_json(json.loads(approval.arguments_json)) == canonical_json(arguments)
+                assert canonical_json(approval.arguments) == canonical_json(arguments)
                 assert approval.owner == OWNERS[grant]
                 assert approval.expires_at == approval.created_at + (timeout or DEFAULT_TIMEOUT)
             else:
@@ -430,20 +516,20 @@ class QueueMachine(RuleBasedStateMachine):
         self._run(self._decide(approval_id, [(reviewers[0], first), (reviewers[1], second)]))
 
     async def _decide(self, approval_id: str, decisions: list[tuple[Principal, bool]]) -> None:
-        before = await self.store.get_approval(approval_id)
-        busy, now = self._busy(), self.clock()
+        before = await self.service.get(approval_id)
+        now = self.clock()
         outcomes = await asyncio.gather(
-            *(_decide(self.queue, approval_id, reviewer, approve) for reviewer, approve in decisions)
+            *(_decide(self.service, approval_id, reviewer, approve) for reviewer, approve in decisions)
         )
-        after = await self.store.get_approval(approval_id)
+        after = await self.service.get(approval_id)
         if before is None:
-            assert outcomes == [404] * len(decisions)
+            assert outcomes == ["unknown"] * len(decisions)
             return
         assert after is not None
         eligible = [d for d in decisions if d[0].name != before.owner]
         for (reviewer, approve), outcome in zip(decisions, outcomes, strict=True):
             if reviewer.name == before.owner:
-                assert outcome == 403, "a reviewer approved their own agent's call"
+                assert outcome == "own_agent", "a reviewer approved their own agent's call"
                 continue
             if isinstance(outcome, Approval):
                 assert outcome.status == ("approved" if approve else "denied")
@@ -451,13 +537,18 @@ class QueueMachine(RuleBasedStateMachine):
                 assert outcome.decided_at == now < outcome.expires_at
                 event(f"decide: {outcome.status}")
             else:
-                assert outcome == 409, outcome
-                event(f"decide: 409 on {before.status}")
+                assert outcome in ("already_decided", "expired"), outcome
+                if outcome == "expired":
+                    assert after.status == "expired"
+                event(f"decide: {outcome} on {before.status}")
             lapsed = before.status == "pending" and now >= before.expires_at
-            # A release in flight may send an approved record back to pending meanwhile.
-            decided = before.status != "pending" and (before.status in FINAL or not busy)
-            if lapsed or decided:
-                assert outcome == 409
+            # Only a release in flight moves a record that is not pending, and it may send an
+            # approved one back to pending meanwhile; a final or released one is never decided again.
+            decided = before.status in FINAL or before.status == "released"
+            if lapsed:
+                assert outcome == "expired"
+            if decided:
+                assert not isinstance(outcome, Approval)
         wins = [outcome for outcome in outcomes if isinstance(outcome, Approval)]
         assert len(wins) <= 1, "two decisions won"
         if eligible and before.status == "pending":
@@ -473,10 +564,10 @@ class QueueMachine(RuleBasedStateMachine):
         self._run(self._cancel(self._draw_id(data)))
 
     async def _cancel(self, approval_id: str) -> None:
-        before = await self.store.get_approval(approval_id)
-        busy, now = self._busy(), self.clock()
-        await self.queue.cancel(approval_id, "the client went away")
-        after = await self.store.get_approval(approval_id)
+        before = await self.service.get(approval_id)
+        now = self.clock()
+        await self.service.cancel(approval_id, "the client went away")
+        after = await self.service.get(approval_id)
         if before is None:
             assert after is None
             return
@@ -486,10 +577,10 @@ class QueueMachine(RuleBasedStateMachine):
             assert (after.status, after.version) == (before.status, before.version)
         elif before.status == "pending":
             assert after.status in (("cancelled", "expired") if now >= before.expires_at else ("cancelled",))
-        elif not busy:
-            assert after.status == before.status, "cancel withdrew an approved call"
+        elif before.status == "released":
+            assert after.status in RELEASED, "cancel withdrew a call already sent"
 
-    # ---- the world around the queue ------------------------------------------------------------
+    # ---- the world around the service ----------------------------------------------------------
 
     @rule(
         version=st.sampled_from(range(len(SEND_VERSIONS))),
@@ -507,7 +598,7 @@ class QueueMachine(RuleBasedStateMachine):
         # A client's tools/list passing through the proxy refreshes the catalog, as the gatekeeper does.
         answer = await self.upstream.call(UPSTREAM, "tools/list", {}, prefer_session="client")
         if "result" in answer:
-            self.queue.catalog.remember(UPSTREAM, answer["result"]["tools"])
+            self.running.catalog.remember(UPSTREAM, answer["result"]["tools"])
 
     @rule(answering=st.booleans())
     def upstream_answers(self, answering: bool) -> None:
@@ -533,36 +624,29 @@ class QueueMachine(RuleBasedStateMachine):
         self._run(self._expire())
 
     async def _expire(self) -> None:
-        """Wake the real expiry task and wait until it sleeps again with nothing due."""
+        """One pass of the expiry task: afterwards nothing pending is past its time."""
         due = await self.store.due_for_expiry(self.clock())
         event(f"expire: {min(len(due), 2)}+ due")
-        while True:
-            self.wakeup.asleep.clear()
-            self.wakeup.set()
-            await self.wakeup.asleep.wait()
-            if not await self.store.due_for_expiry(self.clock()):
-                return
+        await self.service.expire_due()
+        assert not await self.store.due_for_expiry(self.clock())
 
     @rule()
     def settle(self) -> None:
         self._run(self._settle())
 
     async def _settle(self) -> None:
-        """Wait for every release and notification in flight, and for the expiry task to sleep."""
+        """Wait for every release in flight, then check every outcome reached whoever follows it."""
         self.upstream.answering.set()
-        while True:
-            await self.wakeup.asleep.wait()
-            tasks = [*self.queue._tasks, *self.queue.channels._tasks]
-            if not tasks:
-                break
-            await asyncio.gather(*tasks, return_exceptions=True)
-        approvals = await self.store.list_approvals(limit=10_000)
+        await self.service.settled()
+        approvals = await self.service.list_approvals(limit=10_000)
         # Every release ran to its end: nothing is left approved or released.
         assert not [a for a in approvals if a.status in ("approved", "released")]
-        announced = {(approval.id, approval.status) for change, approval in self.channel.seen}
+        finals = {(a.id, a.status) for a in approvals if a.status in FINAL and a.id not in self.unannounced}
+        assert await self.heard.until(lambda: finals <= self.heard.finals()), (
+            "a final state was never announced on the feed",
+            finals - self.heard.finals(),
+        )
         for approval in approvals:
-            if approval.status in FINAL and approval.id not in self.unannounced:
-                assert (approval.id, approval.status) in announced, "a final state was never announced"
             for hold in self.holds.get(approval.id, []):
                 outcome = await hold.wait(0)
                 if approval.status not in FINAL:
@@ -581,11 +665,15 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def deliver(self, data: st.DataObject) -> None:
         held = data.draw(st.sampled_from([i for i, holds in self.holds.items() if holds]))
-        self._run(self._deliver(self.holds[held][0]))
+        self._run(self._deliver(held))
 
-    async def _deliver(self, hold: Hold) -> None:
+    async def _deliver(self, approval_id: str) -> None:
+        hold = self.holds[approval_id][0]
         if await hold.wait(0) is not None:
-            hold.delivered()  # the client got it: a repeat call is a new request
+            # The client got it (a repeat call is then a new request) and the proxy lets go.
+            hold.delivered()
+            hold.close()
+            self.holds[approval_id].remove(hold)
 
     # Restart only early in an hour window: whatever was admitted before has then expired before the
     # window ends, so a release that lost its arrival count expires rather than sleeps for room.
@@ -602,14 +690,16 @@ class QueueMachine(RuleBasedStateMachine):
         self._run(self._restart())
 
     async def _restart(self) -> None:
-        event(f"restart with {min(len(self.queue._tasks), 2)}+ tasks in flight")
-        await close_queue(self.queue)
-        self.holds.clear()  # the clients' connections went with the process
-        # Stopping cancels notifications in flight (Channels.close), so news of these may be lost.
-        store = await SqliteStore.open(self._path / "a.db")
-        self.unannounced |= {a.id for a in await store.list_approvals(limit=10_000) if a.status in FINAL}
+        in_flight = await self.service.list_approvals(status="approved")
+        event(f"restart with {min(len(in_flight), 2)}+ approved")
+        await self._close()  # the clients' connections went with the process
+        # A move committed as the process stopped may not have been announced: its news may be lost.
+        store = await self.database.open(self.clock)
+        stopped = await store.list_approvals(limit=10_000)
         await store.close()
-        self.queue = await self._open()
+        heard = self.heard.finals()
+        self.unannounced |= {a.id for a in stopped if a.status in FINAL and (a.id, a.status) not in heard}
+        self.running = await self._open()
 
     # ---- what must always hold -----------------------------------------------------------------
 
@@ -619,14 +709,15 @@ class QueueMachine(RuleBasedStateMachine):
 
     async def _check(self) -> None:
         assert not self._errors.records, [r.getMessage() for r in self._errors.records]
-        assert self.queue._expiry is not None
-        assert not self.queue._expiry.done(), "the expiry task stopped"
+        assert not self.running.hearing.done(), "the feed ended its listener"
+        # Watches are kept exactly for the approvals whose held calls are still open.
+        assert self.running.feed.watched() == len([i for i, holds in self.holds.items() if holds])
         # Releases go on while the store is read: what the upstream saw first, so that every call
         # in this copy was preceded by the transition the records then show.
         seen: list[Seen] = list(self.upstream.seen)
-        approvals = await self.store.list_approvals(limit=10_000)
+        approvals = await self.service.list_approvals(limit=10_000)
         events: dict[str, list[AuditEvent]] = defaultdict(list)
-        for audit in await self.store.audit_events(limit=1_000_000):
+        for audit in await self.service.audit(limit=1_000_000):
             events[audit.approval_id].append(audit)
         by_session = {approval.session_id: approval for approval in approvals}
         assert len(by_session) == len(approvals) == len(self.first_tool_sha)
@@ -655,8 +746,17 @@ class QueueMachine(RuleBasedStateMachine):
                 assert len(calls) == 1
         assert set(self.finals) <= {approval.id for approval in approvals}
         assert max(live.values(), default=0) <= 1, "a repeat call opened a second request"
-        for (counter, _, _), value in self.queue.limiter.snapshot().items():
+        # A request sent back for review (tool_changed) returns to pending whatever the count.
+        pending = Counter(
+            approval.grant
+            for approval in approvals
+            if approval.status == "pending"
+            and not any(e.event == "tool_changed" for e in events[approval.id])
+        )
+        assert max(pending.values(), default=0) <= MAX_PENDING, "a grant opened more than max_pending"
+        for (counter, _, _), value in self.running.limiter.snapshot().items():
             assert value <= LIMIT_MAX[counter]
+        self._check_announcements()
 
     def _check_final(self, approval: Approval) -> None:
         if approval.status in FINAL:
@@ -664,6 +764,17 @@ class QueueMachine(RuleBasedStateMachine):
             assert self.finals.setdefault(approval.id, state) == state, "a final state changed"
         else:
             assert approval.id not in self.finals, "a final state changed"
+
+    def _check_announcements(self) -> None:
+        """Each approval's changes are heard in the order they were made, and a final one last."""
+        versions: dict[str, int] = {}
+        for change in self.heard.changes:
+            approval = change.approval
+            last = versions.get(approval.id, -1)
+            assert approval.version > last, "a change was announced after a newer one, or twice"
+            versions[approval.id] = approval.version
+            if approval.status in FINAL:
+                assert self.finals.get(approval.id, (approval.status,))[0] == approval.status
 
     def _check_released(
         self, approval: Approval, events: list[AuditEvent], seen: list[Seen], calls: list[int]
@@ -707,102 +818,119 @@ class QueueMachine(RuleBasedStateMachine):
             event("released without a definition to check")
 
 
-QueueMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("QUEUE_MACHINE_EXAMPLES", "60")),
+class MemoryServiceMachine(ServiceMachine):
+    """The same machine over the in-memory twin of the store."""
+
+    kind: StoreKind = "memory"
+
+
+MACHINE_SETTINGS = settings(
+    max_examples=int(os.environ.get("SERVICE_MACHINE_EXAMPLES", "60")),
     stateful_step_count=50,
     deadline=None,  # each step fsyncs; disk latency is not what this test is about
     database=None,  # no .hypothesis/ directory in the working tree
-    # No explain phase: tracing every line of the queue, the store and the store's thread takes minutes.
+    # No explain phase: tracing every line of the service, the store and its thread takes minutes.
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-test_queue_life_cycle = QueueMachine.TestCase
-test_queue_life_cycle.__doc__ = "Approvals driven at random through the queue keep the life cycle's promises."
+ServiceMachine.TestCase.settings = MACHINE_SETTINGS
+MemoryServiceMachine.TestCase.settings = MACHINE_SETTINGS
+test_service_life_cycle_sqlite = ServiceMachine.TestCase
+test_service_life_cycle_sqlite.__doc__ = (
+    "Approvals driven at random through the service over SQLite keep the life cycle's promises."
+)
+test_service_life_cycle_memory = MemoryServiceMachine.TestCase
+test_service_life_cycle_memory.__doc__ = "The same machine over the in-memory store keeps the same promises."
 
 
 # ---- what the machine found, pinned one by one -------------------------------------------------
 
 
 @asynccontextmanager
-async def running_queue(
-    tmp_path: pathlib.Path,
-) -> AsyncIterator[tuple[ApprovalQueue, MemoryUpstream, list[float]]]:
-    """A started queue in front of a MemoryUpstream, and the clock cell it reads."""
+async def running_service(
+    tmp_path: pathlib.Path, kind: StoreKind
+) -> AsyncIterator[tuple[ApprovalService, MemoryUpstream, list[float]]]:
+    """A service over a store of this kind in front of a MemoryUpstream, and the clock cell it reads."""
     now = [NOW]
     upstream = MemoryUpstream()
     settings = settings_for(tmp_path, {UPSTREAM: {"command": ["x"]}}, approvals={"timeout": "10m"})
-    queue = await open_queue(
-        settings, tmp_path / "a.db", upstream, lambda: now[0], Announcements(failing=False)
-    )
+    database = Database(kind, tmp_path / "a.db", upstream.seen)
+    running = await open_service(settings, database, upstream, lambda: now[0], Heard())
     try:
-        yield queue, upstream, now
+        yield running.service, upstream, now
     finally:
-        await close_queue(queue)
+        await close_service(running)
 
 
 def reviewer(settings: Settings, name: str) -> Principal:
     return next(r for r in settings.reviewers if r.name == name)
 
 
-async def test_arguments_with_a_lone_surrogate_are_held_and_released_exactly(tmp_path: pathlib.Path) -> None:
+KINDS = pytest.mark.parametrize("kind", ["sqlite", "memory"])
+
+
+@KINDS
+async def test_arguments_with_a_lone_surrogate_are_held_and_released_exactly(
+    tmp_path: pathlib.Path, kind: StoreKind
+) -> None:
     """A "\\ud800" escape the proxy accepts is held, approved and released exactly as received."""
     arguments: JsonObject = {"call": "c0", "to": "\ud800"}
-    async with running_queue(tmp_path) as (queue, upstream, _):
-        admission = await queue.admit(ToolCall(UPSTREAM, "agent-a", "s0", TOOL, arguments), decision(None))
+    async with running_service(tmp_path, kind) as (service, upstream, _):
+        admission = await service.admit(ToolCall(UPSTREAM, "agent-a", "s0", TOOL, arguments), decision(None))
         assert admission.hold is not None
-        bob = reviewer(queue.settings, "bob")
-        await queue.decide(admission.hold.approval_id, bob, approve=True, reason=None, channel="web")
+        bob = reviewer(service.settings, "bob")
+        await service.decide(admission.hold.approval_id, bob, approve=True, reason=None, channel="web")
         outcome = await admission.hold.wait(WAIT)
+        admission.hold.close()
         assert outcome is not None
         assert "result" in outcome
         assert [seen for seen in upstream.seen if isinstance(seen, Called)] == [Called("s0", TOOL, arguments)]
 
 
+@KINDS
 async def test_an_approval_given_in_time_is_not_expired_while_its_release_runs(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, kind: StoreKind
 ) -> None:
     """Approved a second before the timeout, with the release's tools/list slow: the call is made."""
-    async with running_queue(tmp_path) as (queue, upstream, now):
+    async with running_service(tmp_path, kind) as (service, upstream, now):
         arguments: JsonObject = {"call": "c0", "to": "ann"}
-        admission = await queue.admit(ToolCall(UPSTREAM, "agent-a", "s0", TOOL, arguments), decision(60.0))
+        admission = await service.admit(ToolCall(UPSTREAM, "agent-a", "s0", TOOL, arguments), decision(60.0))
         assert admission.hold is not None
         approval_id = admission.hold.approval_id
         now[0] += 59
         upstream.listing.clear()  # the release's check of the definition takes a while
-        bob = reviewer(queue.settings, "bob")
-        await queue.decide(approval_id, bob, approve=True, reason=None, channel="web")
+        bob = reviewer(service.settings, "bob")
+        await service.decide(approval_id, bob, approve=True, reason=None, channel="web")
         now[0] += 2  # the timeout passes while the upstream lists its tools
-        wakeup = queue._wakeup
-        assert isinstance(wakeup, Wakeup)
-        wakeup.asleep.clear()
-        wakeup.set()
-        await asyncio.wait_for(wakeup.asleep.wait(), WAIT)
+        await service.expire_due()
         upstream.listing.set()
         outcome = await admission.hold.wait(WAIT)
-        record = await queue.store.get_approval(approval_id)
+        admission.hold.close()
+        record = await service.get(approval_id)
         assert record is not None
         assert (record.status, record.decided_by) == ("completed", "bob")
         assert outcome is not None
         assert "result" in outcome
 
 
+@KINDS
 async def test_a_release_whose_definition_cannot_be_listed_goes_back_for_review(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, kind: StoreKind
 ) -> None:
     """tools/list failing at the request and at the release: the call is not made unchecked."""
-    async with running_queue(tmp_path) as (queue, upstream, _):
+    async with running_service(tmp_path, kind) as (service, upstream, _):
         upstream.listing_fails = True
         arguments: JsonObject = {"call": "c0", "to": "ann"}
-        admission = await queue.admit(ToolCall(UPSTREAM, "agent-a", "s0", TOOL, arguments), decision(None))
+        admission = await service.admit(ToolCall(UPSTREAM, "agent-a", "s0", TOOL, arguments), decision(None))
         assert admission.hold is not None
+        admission.hold.close()
         approval_id = admission.hold.approval_id
-        bob = reviewer(queue.settings, "bob")
-        await queue.decide(approval_id, bob, approve=True, reason=None, channel="web")
-        while queue._tasks:
-            await asyncio.gather(*queue._tasks)
-        record = await queue.store.get_approval(approval_id)
+        bob = reviewer(service.settings, "bob")
+        await service.decide(approval_id, bob, approve=True, reason=None, channel="web")
+        await service.settled()
+        record = await service.get(approval_id)
         assert record is not None
         assert record.status == "pending"
-        events = [e.event for e in await queue.store.audit_events(approval_id=approval_id)]
+        events = [e.event for e in await service.audit(approval_id=approval_id)]
         assert events[-1] == "tool_changed"
         assert not [seen for seen in upstream.seen if isinstance(seen, Called)]

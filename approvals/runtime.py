@@ -1,0 +1,93 @@
+"""The gateway's parts, opened fully started in one step and closed in one: the composition root.
+
+    Runtime.open(settings) ─▶ policies (ConfigError before anything starts)
+                            ─▶ store ─▶ change feed ─▶ gateway (upstream sessions, the UpstreamCaller)
+                            ─▶ rate limits ─▶ tool catalog ─▶ approval service ─▶ gate
+    Runtime.close()        ─▶ the same, in reverse
+
+Nothing here is ever None: every part exists once `open` returns, and the web side and channels
+are handed the parts they use (the service, the store as a port, the feed), never the runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from approvals.config import Settings
+from approvals.core.service import ApprovalService
+from approvals.gatekeeper import Gatekeeper
+from approvals.limits import RateLimiter
+from approvals.policy import Limit
+from approvals.policy_files import WATCH_INTERVAL_SECONDS, PolicyBook
+from approvals.proxy.gateway import Gateway
+from approvals.store.sqlite import SqliteStore
+from approvals.store.sqlite_feed import POLL_SECONDS, SqliteFeed
+from approvals.tool_catalog import ToolCatalog
+
+__all__ = ["Runtime"]
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Every long-lived part of one gateway process."""
+
+    settings: Settings
+    policies: PolicyBook
+    store: SqliteStore
+    feed: SqliteFeed
+    gateway: Gateway
+    limiter: RateLimiter
+    catalog: ToolCatalog
+    service: ApprovalService
+    gatekeeper: Gatekeeper
+
+    @classmethod
+    async def open(
+        cls,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        watch_interval: float = WATCH_INTERVAL_SECONDS,
+        poll_interval: float = POLL_SECONDS,
+    ) -> Runtime:
+        """Every part, started; raises ConfigError (an invalid policy) before anything starts."""
+        policies = PolicyBook.load(settings)
+        store = await SqliteStore.open(settings.store.path)
+        feed = await SqliteFeed.open(store, poll_interval)
+        gateway = Gateway(settings)
+        await gateway.start()
+        limiter = RateLimiter(store, clock=clock)
+        await limiter.start()
+        catalog = ToolCatalog(gateway)
+
+        def limits_for(upstream: str, tool: str, arguments: Mapping[str, object]) -> Sequence[Limit]:
+            # Limits at release come from the policy in force then: an edit applies to what waits.
+            return policies[upstream].evaluate(tool, arguments).limits
+
+        service = await ApprovalService.open(
+            settings,
+            store=store,
+            counters=limiter,
+            upstreams=gateway,
+            catalog=catalog,
+            feed=feed,
+            limits_for=limits_for,
+            clock=clock,
+        )
+        policies.start(watch_interval)
+        gatekeeper = Gatekeeper(policies, limiter, catalog, service, clock)
+        return cls(settings, policies, store, feed, gateway, limiter, catalog, service, gatekeeper)
+
+    def drain(self) -> None:
+        """First step of shutdown: held calls answer now, idle streams end."""
+        self.gateway.drain()
+
+    async def close(self) -> None:
+        await self.policies.close()
+        await self.service.close()
+        await self.gateway.close()
+        await self.feed.aclose()
+        await self.limiter.close()
+        await self.store.close()

@@ -1,0 +1,348 @@
+"""The in-memory store: the whole :class:`approvals.core.ports.Store` in a few dicts.
+
+The twin of :class:`approvals.store.sqlite.SqliteStore`, with the same semantics, so the tests of
+the store and of the approval service run against both; it is also the reference for another
+adapter (PostgreSQL), each method saying in plain Python what its SQL must do:
+
+- every method is atomic: its body never awaits, so on one event loop nothing comes between the
+  look-up, the count and the insert of :meth:`open_approval`, or the compare and the set of
+  :meth:`transition` (a database gets this from one statement or one transaction);
+- a transition is a compare-and-set along :data:`~approvals.core.model.TRANSITIONS` that bumps
+  ``version`` and appends its audit event with it;
+- records go in and out as copies, so no caller shares (and could corrupt) the stored one;
+- programming errors (an illegal move, a field that may not be set) raise ``ValueError`` before
+  anything changes; what a database would refuse (a duplicate id, a row for an unknown approval)
+  raises :class:`~approvals.errors.StoreError`.
+
+Nothing is durable: the data lives as long as the object, and :meth:`close` keeps it, so a test can
+stop a service and start another over the same store, as a restart over the same file would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+
+from approvals.core.model import (
+    RESULT_DROPPED_NOTE,
+    Approval,
+    AuditEvent,
+    Status,
+    check_transition,
+    check_transition_fields,
+    check_update_fields,
+)
+from approvals.core.ports import CounterRow
+from approvals.errors import StoreError
+
+__all__ = ["MemoryStore"]
+
+_OPEN: frozenset[Status] = frozenset({"pending", "approved", "released"})
+
+
+class MemoryStore:
+    """The in-memory implementation of :class:`approvals.core.ports.Store`."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock  # only to stamp audit events; every decision is told `now`
+        self._counters: dict[tuple[str, str, int], float] = {}
+        self._approvals: dict[str, Approval] = {}
+        self._audit: list[AuditEvent] = []
+        self._seq = 0  # the last audit seq handed out; never reused
+        self._refs: dict[tuple[str, str], str] = {}
+
+    async def close(self) -> None:
+        """Nothing to flush; the data stays, for a store opened again over the same object."""
+
+    # ---- counters -----------------------------------------------------------------------------
+
+    async def load_counters(self, since: float) -> list[CounterRow]:
+        """Every counter row whose ``window_start >= since``."""
+        await _round_trip()
+        return [(*key, value) for key, value in self._counters.items() if key[2] >= since]
+
+    async def save_counters(self, rows: Sequence[CounterRow]) -> None:
+        """Upsert the absolute value of every row."""
+        await _round_trip()
+        for counter, scope_key, window_start, value in rows:
+            self._counters[(counter, scope_key, window_start)] = float(value)
+
+    async def prune_counters(self, before: int) -> None:
+        """Delete every counter row whose ``window_start < before``."""
+        await _round_trip()
+        for key in [key for key in self._counters if key[2] < before]:
+            del self._counters[key]
+
+    # ---- approvals ----------------------------------------------------------------------------
+
+    async def create_approval(self, approval: Approval, *, actor: str, channel: str) -> None:
+        """Insert a new pending record and its "created" audit event."""
+        _check_new(approval)
+        await _round_trip()
+        self._insert(approval, actor=actor, channel=channel)
+
+    async def open_approval(
+        self, approval: Approval, *, actor: str, channel: str, max_pending: int
+    ) -> Approval | None:
+        """The open request for this call, a new one, or None past ``max_pending`` — atomically."""
+        _check_new(approval)
+        await _round_trip()
+        existing = self._reusable(
+            grant=approval.grant,
+            upstream=approval.upstream,
+            tool=approval.tool,
+            args_sha256=approval.args_sha256,
+            now=approval.created_at,
+        )
+        if existing is not None:
+            return _copy(existing)
+        if self._count_pending(approval.grant) >= max_pending:
+            return None
+        self._insert(approval, actor=actor, channel=channel)
+        return approval
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        """The record with this id, or None."""
+        await _round_trip()
+        found = self._approvals.get(approval_id)
+        return None if found is None else _copy(found)
+
+    async def list_approvals(
+        self,
+        *,
+        status: Status | None = None,
+        upstream: str | None = None,
+        tool: str | None = None,
+        grant: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Approval]:
+        """Records matching every given filter, newest first (``created_at`` then ``id``, descending)."""
+        await _round_trip()
+        wanted = {"status": status, "upstream": upstream, "tool": tool, "grant": grant}
+        given = {name: value for name, value in wanted.items() if value is not None}
+        found = [a for a in self._approvals.values() if all(getattr(a, k) == v for k, v in given.items())]
+        return [_copy(a) for a in _newest_first(found)[offset : offset + limit]]
+
+    async def find_reusable(
+        self, *, grant: str, upstream: str, tool: str, args_sha256: str, now: float
+    ) -> Approval | None:
+        """The newest record of the same request that a repeat call attaches to, or None."""
+        await _round_trip()
+        found = self._reusable(grant=grant, upstream=upstream, tool=tool, args_sha256=args_sha256, now=now)
+        return None if found is None else _copy(found)
+
+    async def count_pending(self, grant: str) -> int:
+        """How many records of this grant await a decision."""
+        await _round_trip()
+        return self._count_pending(grant)
+
+    async def transition(
+        self,
+        approval_id: str,
+        *,
+        from_: Collection[Status],
+        to: Status,
+        actor: str,
+        channel: str,
+        event: str | None = None,
+        **fields: object,
+    ) -> Approval | None:
+        """Compare-and-set the status plus its audit event; the new record, or None."""
+        check_transition(from_, to)
+        check_transition_fields(fields)
+        at = self._clock()
+        await _round_trip()
+        current = self._approvals.get(approval_id)
+        if current is None or current.status not in from_:
+            return None  # a lost race (or an unknown id), not an error
+        moved = dataclasses.replace(current, status=to, version=current.version + 1, **fields)  # type: ignore[arg-type]
+        self._approvals[approval_id] = moved
+        # The reason given to this move, not one left on the record by an earlier move.
+        reason = fields.get("reason")
+        self._append(
+            at=at,
+            approval_id=approval_id,
+            event=event or to,
+            actor=actor,
+            channel=channel,
+            args_sha256=moved.args_sha256,
+            detail=reason if isinstance(reason, str) else None,
+        )
+        return _copy(moved)
+
+    async def update_fields(self, approval_id: str, **fields: object) -> None:
+        """Set delivery fields without a transition, version change or audit event."""
+        check_update_fields(fields)
+        await _round_trip()
+        current = self._approvals.get(approval_id)
+        if current is not None:
+            self._approvals[approval_id] = dataclasses.replace(current, **fields)  # type: ignore[arg-type]
+
+    async def due_for_expiry(self, now: float) -> list[Approval]:
+        """Pending records whose ``expires_at <= now``, soonest first (``expires_at`` then ``id``)."""
+        await _round_trip()
+        due = [a for a in self._approvals.values() if a.status == "pending" and a.expires_at <= now]
+        return [_copy(a) for a in sorted(due, key=lambda a: (a.expires_at, a.id))]
+
+    async def interrupted_releases(self, now: float) -> list[Approval]:
+        """Records left ``released`` whose lease ran out by ``now`` (or that never had one), oldest first."""
+        await _round_trip()
+        left = [
+            a
+            for a in self._approvals.values()
+            if a.status == "released" and (a.lease_expires_at is None or a.lease_expires_at <= now)
+        ]
+        return [_copy(a) for a in sorted(left, key=lambda a: (a.created_at, a.id))]
+
+    async def next_expiry(self) -> float | None:
+        """The earliest ``expires_at`` among pending records, or None."""
+        await _round_trip()
+        return min((a.expires_at for a in self._approvals.values() if a.status == "pending"), default=None)
+
+    async def drop_expired_results(self, now: float) -> int:
+        """Clear kept results whose window has ended, noting it on the record; how many were cleared."""
+        await _round_trip()
+        ended = [
+            a
+            for a in self._approvals.values()
+            if a.result_json is not None and a.result_expires_at is not None and a.result_expires_at <= now
+        ]
+        for approval in ended:
+            self._approvals[approval.id] = dataclasses.replace(
+                approval, result_json=None, note=RESULT_DROPPED_NOTE
+            )
+        return len(ended)
+
+    # ---- audit and message refs ---------------------------------------------------------------
+
+    async def audit_events(
+        self, *, approval_id: str | None = None, after_seq: int = 0, limit: int = 100
+    ) -> list[AuditEvent]:
+        """Audit events with ``seq > after_seq`` (of one approval, or all), oldest first."""
+        await _round_trip()
+        found: Iterable[AuditEvent] = (
+            e for e in self._audit if e.seq > after_seq and approval_id in (None, e.approval_id)
+        )
+        return [e for _, e in zip(range(limit), found, strict=False)]
+
+    async def append_audit(
+        self,
+        approval_id: str,
+        event: str,
+        *,
+        actor: str,
+        channel: str,
+        args_sha256: str,
+        detail: str | None = None,
+    ) -> None:
+        """Append an event that is not a transition; the approval must exist."""
+        at = self._clock()
+        await _round_trip()
+        self._known(approval_id)
+        self._append(
+            at=at,
+            approval_id=approval_id,
+            event=event,
+            actor=actor,
+            channel=channel,
+            args_sha256=args_sha256,
+            detail=detail,
+        )
+
+    async def save_message_ref(self, approval_id: str, channel: str, ref_json: str) -> None:
+        """Remember where ``channel`` posted its message about the approval (replacing any earlier ref)."""
+        await _round_trip()
+        self._known(approval_id)
+        self._refs[(approval_id, channel)] = ref_json
+
+    async def message_ref(self, approval_id: str, channel: str) -> str | None:
+        """The ref ``channel`` saved for the approval, or None."""
+        await _round_trip()
+        return self._refs.get((approval_id, channel))
+
+    # ---- the bodies shared by several methods (never awaiting) --------------------------------
+
+    def _insert(self, approval: Approval, *, actor: str, channel: str) -> None:
+        if approval.id in self._approvals:
+            raise StoreError(f"cannot create an approval: id {approval.id!r} exists")
+        self._approvals[approval.id] = _copy(approval)
+        self._append(
+            at=self._clock(),
+            approval_id=approval.id,
+            event="created",
+            actor=actor,
+            channel=channel,
+            args_sha256=approval.args_sha256,
+            detail=None,
+        )
+
+    def _append(
+        self,
+        *,
+        at: float,
+        approval_id: str,
+        event: str,
+        actor: str,
+        channel: str,
+        args_sha256: str,
+        detail: str | None,
+    ) -> None:
+        self._seq += 1
+        self._audit.append(AuditEvent(self._seq, at, approval_id, event, actor, channel, args_sha256, detail))
+
+    def _known(self, approval_id: str) -> None:
+        # A database refuses the row by its foreign key; the same answer here.
+        if approval_id not in self._approvals:
+            raise StoreError(f"no approval {approval_id!r}")
+
+    def _reusable(
+        self, *, grant: str, upstream: str, tool: str, args_sha256: str, now: float
+    ) -> Approval | None:
+        same = [
+            a
+            for a in self._approvals.values()
+            if (a.grant, a.upstream, a.tool, a.args_sha256) == (grant, upstream, tool, args_sha256)
+            and _still_answers(a, now)
+        ]
+        return next(iter(_newest_first(same)), None)
+
+    def _count_pending(self, grant: str) -> int:
+        return sum(1 for a in self._approvals.values() if a.status == "pending" and a.grant == grant)
+
+
+def _still_answers(approval: Approval, now: float) -> bool:
+    """Whether a repeat call attaches to this record: it is open, or its outcome is still to be told.
+
+    A finished record counts only while a kept, undelivered result or a denial/expiry is within its
+    keep window; no window (None) never matches, so a repeat call is then a new request — never an
+    unreviewed call.
+    """
+    if approval.status in _OPEN:
+        return True
+    in_window = approval.result_expires_at is not None and approval.result_expires_at > now
+    if approval.status in ("completed", "failed"):
+        return in_window and approval.result_json is not None and not approval.result_delivered
+    return in_window and approval.status in ("denied", "expired")
+
+
+def _check_new(approval: Approval) -> None:
+    if approval.status != "pending" or approval.version != 0:
+        raise ValueError(f"a new approval must be pending at version 0, not {approval.status!r}")
+
+
+def _newest_first(approvals: list[Approval]) -> list[Approval]:
+    return sorted(approvals, key=lambda a: (a.created_at, a.id), reverse=True)
+
+
+def _copy(approval: Approval) -> Approval:
+    # A fresh record with its own parsing cache: a caller who mutates `.arguments` changes only theirs.
+    return dataclasses.replace(approval)
+
+
+async def _round_trip() -> None:
+    # A call to a database suspends the caller; so does this one, so that tests see the same
+    # interleavings of concurrent callers. The work itself comes after, in one step.
+    await asyncio.sleep(0)
