@@ -46,6 +46,7 @@ from load import cpu_seconds
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PYTHON = sys.executable
+LINE_LIMIT = 16 * 1024 * 1024  # the longest line read from the load generator
 APPROVALS = str(Path(sys.executable).parent / "approvals")
 FASTMCP_REQUIREMENT = "fastmcp==4.1.2"
 MCP_PROXY_REQUIREMENT = "mcp-proxy==0.13.0"
@@ -327,7 +328,11 @@ class HeldCalls:
     async def open_sessions(self) -> None:
         env = {**os.environ, "BENCH_AGENT_TOKEN": self.token}
         self.process = await asyncio.create_subprocess_exec(
-            *self.args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
+            *self.args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            limit=LINE_LIMIT,  # "done" carries every call's answer time: ten thousand of them
         )
         await self.expect("sessions")
 
