@@ -179,11 +179,12 @@ class ApprovalService:
         _LIVE_OWNERS.add(service.owner)
         await service._recover()
         # Approved but never released (the process stopped right after the decision): release now.
-        offset = 0
-        while page := await store.list_approvals(status="approved", limit=1000, offset=offset):
-            offset += len(page)
-            for approval in page:
-                service._spawn(service._release(approval, catalog.mark()))
+        # All read before any is released: a release moves its record out of the pages being read.
+        approved: list[Approval] = []
+        while page := await store.list_approvals(status="approved", limit=1000, offset=len(approved)):
+            approved += page
+        for approval in approved:
+            service._spawn(service._release(approval, catalog.mark()))
         if expire_on_clock:
             service._spawn(service._expire_forever(), name="approval-expiry")
         service._spawn(service._forget_finished(), name="approval-housekeeping")
