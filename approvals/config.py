@@ -71,7 +71,9 @@ class ServerSettings:
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
-    path: Path
+    path: Path  # the SQLite file, unless `url` names a PostgreSQL database
+    # postgresql://… from [store] url or APPROVALS_DATABASE_URL: several replicas share it.
+    url: str | None = field(default=None, repr=False)  # may carry a password
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +232,20 @@ def _positive_int(value: Any) -> int:
 
 def _seconds(value: Any) -> float:
     return parse_duration(value)  # raises ValueError with a readable message for anything else
+
+
+def _database_url(r: _Reader, table: Mapping[str, Any]) -> str | None:
+    """[store] url (with ${ENV} expanded) or APPROVALS_DATABASE_URL, which wins: a deployment names
+    its database, and its password, in the environment."""
+    raw = r.env.get("APPROVALS_DATABASE_URL") or r.get(table, "store", "url", "", _string)
+    where = "APPROVALS_DATABASE_URL" if r.env.get("APPROVALS_DATABASE_URL") else "store.url"
+    if not raw:
+        return None
+    url = r.expand(raw, where) if where == "store.url" else raw
+    if url is not None and urlsplit(url).scheme not in ("postgresql", "postgres"):
+        r.error(where, f"must be a postgresql:// URL (got scheme {urlsplit(url).scheme!r})")
+        return None
+    return url
 
 
 def _http_url(value: Any) -> str:
@@ -406,7 +422,7 @@ def _child_env(r: _Reader, t: Mapping[str, Any], path: str, secrets: frozenset[s
 
 def _secret_names(data: Mapping[str, Any]) -> frozenset[str]:
     """The environment variables that hold the gateway's own secrets."""
-    names = {*_SLACK_SECRETS, *_CLI_SECRETS, SESSION_SECRET_ENV}
+    names = {*_SLACK_SECRETS, *_CLI_SECRETS, SESSION_SECRET_ENV, "APPROVALS_DATABASE_URL"}
     for key in ("grants", "reviewers"):
         entries = data.get(key)
         for entry in entries if isinstance(entries, list) else ():
@@ -559,9 +575,10 @@ def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]
         data, "", {"server", "store", "approvals", "upstreams", "grants", "reviewers", "slack", "inbox"}
     )
     server = _read_server(r, data)
-    store_table = r.table(data, "", "store", {"path"})
+    store_table = r.table(data, "", "store", {"path", "url"})
     store = StoreSettings(
-        (base / r.get(store_table, "store", "path", "data/approvals.db", _string)).resolve()
+        (base / r.get(store_table, "store", "path", "data/approvals.db", _string)).resolve(),
+        _database_url(r, store_table),
     )
     approvals = _read_approvals(r, data)
     upstream_table = data.get("upstreams", {})

@@ -16,17 +16,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from approvals.config import Settings
+from approvals.core.feed import SharedFeed
+from approvals.core.ports import Store
 from approvals.core.service import ApprovalService
 from approvals.gatekeeper import Gatekeeper
 from approvals.limits import RateLimiter
 from approvals.policy import Limit
 from approvals.policy_files import WATCH_INTERVAL_SECONDS, PolicyBook
 from approvals.proxy.gateway import Gateway
+from approvals.store.postgres import PostgresStore
+from approvals.store.postgres_feed import PostgresFeed
 from approvals.store.sqlite import SqliteStore
 from approvals.store.sqlite_feed import POLL_SECONDS, SqliteFeed
 from approvals.tool_catalog import ToolCatalog
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "open_store"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +39,8 @@ class Runtime:
 
     settings: Settings
     policies: PolicyBook
-    store: SqliteStore
-    feed: SqliteFeed
+    store: Store
+    feed: SharedFeed
     gateway: Gateway
     limiter: RateLimiter
     catalog: ToolCatalog
@@ -54,8 +58,7 @@ class Runtime:
     ) -> Runtime:
         """Every part, started; raises ConfigError (an invalid policy) before anything starts."""
         policies = PolicyBook.load(settings)
-        store = await SqliteStore.open(settings.store.path)
-        feed = await SqliteFeed.open(store, poll_interval)
+        store, feed = await open_store(settings, poll_interval)
         gateway = Gateway(settings)
         await gateway.start()
         limiter = RateLimiter(store, clock=clock)
@@ -91,3 +94,16 @@ class Runtime:
         await self.feed.aclose()
         await self.limiter.close()
         await self.store.close()
+
+
+async def open_store(settings: Settings, poll_interval: float = POLL_SECONDS) -> tuple[Store, SharedFeed]:
+    """PostgreSQL when `[store] url` (or APPROVALS_DATABASE_URL) names one; else the SQLite file."""
+    if settings.store.url is not None:
+        postgres = await PostgresStore.open(settings.store.url)
+        try:
+            return postgres, await PostgresFeed.open(postgres)
+        except BaseException:
+            await postgres.close()
+            raise
+    sqlite = await SqliteStore.open(settings.store.path)
+    return sqlite, await SqliteFeed.open(sqlite, poll_interval)

@@ -140,7 +140,7 @@ token_sha = "x"
 def test_unknown_key_without_a_close_match_lists_the_known_ones(config_dir: Path) -> None:
     """With nothing close, the message lists what the table accepts."""
     found = issues_of(config_dir, DEMO + "[store]\nzzz = 1\n")
-    assert_issues(found, [("store.zzz", "unknown setting (known: path)")])
+    assert_issues(found, [("store.zzz", "unknown setting (known: path, url)")])
 
 
 def test_upstream_shape_errors(config_dir: Path) -> None:
@@ -609,3 +609,25 @@ def test_session_secret_is_withheld_from_stdio_upstreams(config_dir: Path) -> No
     env = {"PATH": "/usr/bin", "APPROVALS_SESSION_SECRET": "s" * 40}
     settings = load(config_dir, DEMO, env)
     assert settings.upstreams["demo"].env == {"PATH": "/usr/bin"}
+
+
+def test_store_url_selects_postgresql_and_the_environment_wins(config_dir: Path) -> None:
+    """[store] url (with ${ENV}) names a PostgreSQL database; APPROVALS_DATABASE_URL overrides it;
+    neither reaches a stdio upstream's environment."""
+    text = DEMO + '[store]\nurl = "postgresql://gw:${DB_PASSWORD}@db.internal/approvals"\n'
+    settings = load(config_dir, text, env={"DB_PASSWORD": "s3cret"})
+    assert settings.store.url == "postgresql://gw:s3cret@db.internal/approvals"
+    env = {"APPROVALS_DATABASE_URL": "postgresql://other/approvals", "DB_PASSWORD": "x"}
+    overridden = load(config_dir, text, env=env)
+    assert overridden.store.url == "postgresql://other/approvals"
+    child = overridden.upstreams["demo"].env or {}
+    assert "APPROVALS_DATABASE_URL" not in child
+    assert load(config_dir, DEMO).store.url is None
+
+
+def test_store_url_must_be_postgresql(config_dir: Path) -> None:
+    """Any other scheme is an error at store.url (or at the variable that gave it)."""
+    found = issues_of(config_dir, DEMO + '[store]\nurl = "mysql://db/approvals"\n')
+    assert [path for path, _ in found] == ["store.url"]
+    found = issues_of(config_dir, DEMO, env={"APPROVALS_DATABASE_URL": "sqlite:///x.db"})
+    assert [path for path, _ in found] == ["APPROVALS_DATABASE_URL"]

@@ -16,18 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from approvals.channels import ChangeKind, Channels
 from approvals.config import Principal, Settings
+from approvals.core.feed import SharedFeed
 from approvals.core.model import Approval, ToolCall
+from approvals.core.ports import Store
 from approvals.core.service import ApprovalService
 from approvals.errors import DecisionRefused
 from approvals.jsonrpc import JsonObject
 from approvals.limits import RateLimiter
 from approvals.policy import Decision
-from approvals.store.sqlite import SqliteStore
-from approvals.store.sqlite_feed import SqliteFeed
+from approvals.runtime import open_store
+from approvals.store.postgres import PostgresStore
 from approvals.tool_catalog import ToolCatalog
 from approvals.web.live import Filters, LiveFeed
 from tests.conftest import WAIT, settings_for
@@ -65,16 +68,15 @@ class Upstream:
 class Node:
     """One process's share of a gateway: its own connection to the file, feed and service."""
 
-    store: SqliteStore
-    feed: SqliteFeed
+    store: Store
+    feed: SharedFeed
     limiter: RateLimiter
     service: ApprovalService
 
 
 @asynccontextmanager
 async def node(settings: Settings, upstream: Upstream, poll_interval: float = 0.01) -> AsyncIterator[Node]:
-    store = await SqliteStore.open(settings.store.path)
-    feed = await SqliteFeed.open(store, poll_interval)
+    store, feed = await open_store(settings, poll_interval)
     limiter = RateLimiter(store)
     await limiter.start()
     service = await ApprovalService.open(
@@ -95,12 +97,23 @@ async def node(settings: Settings, upstream: Upstream, poll_interval: float = 0.
         await store.close()
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings_of(tmp_path: Path, url: str | None = None) -> Settings:
     # Many held at once in the tests below: the per-grant bound of pending calls is not their subject.
-    return settings_for(
-        tmp_path, {UPSTREAM: {"command": ["true"]}}, approvals={"max_pending_per_grant": 10_000}
-    )
+    store = {"url": url} if url else {}
+    extra = {"approvals": {"max_pending_per_grant": 10_000}, "store": store}
+    return settings_for(tmp_path, {UPSTREAM: {"command": ["true"]}}, **extra)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings whose store every node shares: one SQLite file, or one (emptied) PostgreSQL database."""
+    if request.param == "sqlite":
+        return settings_of(tmp_path)
+    url = request.getfixturevalue("postgres_url")
+    store = await PostgresStore.open(url)
+    await store.empty()
+    await store.close()
+    return settings_of(tmp_path, url)
 
 
 def call(n: int) -> ToolCall:
@@ -174,11 +187,11 @@ async def test_a_refused_decision_says_its_kind(settings: Settings) -> None:
     assert again.value.kind == "already_decided"
 
 
-async def test_nothing_kept_grows_with_finished_approvals(settings: Settings) -> None:
+async def test_nothing_kept_grows_with_finished_approvals(tmp_path: Path) -> None:
     """10,000 approvals held, decided and delivered after a warm-up: no watch, arrival or task is
     left, and the heap is back where it was."""
     upstream = Upstream()
-    async with node(settings, upstream) as a:
+    async with node(settings_of(tmp_path), upstream) as a:
 
         async def one(n: int) -> None:
             admission = await a.service.admit(call(n), HELD)
@@ -320,3 +333,35 @@ async def test_a_release_whose_owner_is_gone_ends_interrupted(settings: Settings
     assert ended is not None
     assert (ended.status, ended.reason) == ("failed", "interrupted")
     assert upstream.calls == 0
+
+
+async def test_a_dropped_feed_connection_still_delivers_the_decision(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """PostgreSQL: the feed's listening connection is terminated (pg_terminate_backend) while a call
+    is held; a decision taken meanwhile through another replica still reaches the held call, once
+    the feed has reconnected and read again what it follows."""
+    store = await PostgresStore.open(postgres_url)
+    await store.empty()
+    await store.close()
+    settings = settings_of(tmp_path, postgres_url)
+    upstream = Upstream()
+    async with node(settings, upstream) as a, node(settings, upstream) as b:
+        admission = await a.service.admit(call(6), HELD)
+        assert admission.hold is not None
+        approval_id = admission.hold.approval_id
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            ended = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        assert ended >= 1
+        await b.service.decide(approval_id, BOB, approve=True, reason=None, channel="api")
+        outcome = await admission.hold.wait(WAIT)
+        admission.hold.close()
+    assert outcome is not None
+    assert outcome["result"]["content"][0]["text"] == "sent"
+    assert upstream.calls == 1

@@ -36,6 +36,7 @@ from approvals.core.model import (
 from approvals.core.ports import Store
 from approvals.errors import StoreError
 from approvals.store.memory import MemoryStore
+from approvals.store.postgres import PostgresStore
 from approvals.store.sqlite import SqliteStore
 
 NOW = 1_700_000_000.0
@@ -66,16 +67,22 @@ def make_approval(**overrides: Any) -> Approval:
     return dataclasses.replace(approval, **overrides)
 
 
-async def open_store(kind: str, path: pathlib.Path) -> Store:
-    """A fresh store of this kind ("sqlite" at ``path``, or "memory"), stamping audit events at NOW."""
+async def open_store(kind: str, path: pathlib.Path, postgres_url: str = "") -> Store:
+    """A fresh store of this kind ("sqlite" at ``path``, "memory", or "postgres" emptied), stamping
+    audit events at NOW."""
     if kind == "sqlite":
         return await SqliteStore.open(path, clock=lambda: NOW)
+    if kind == "postgres":
+        store = await PostgresStore.open(postgres_url, clock=lambda: NOW)
+        await store.empty()
+        return store
     return MemoryStore(clock=lambda: NOW)
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Store]:
-    opened = await open_store(request.param, tmp_path / "approvals.db")
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
+    opened = await open_store(request.param, tmp_path / "approvals.db", url)
     yield opened
     await opened.close()
 

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from approvals.core.model import FINAL, Approval
 from approvals.core.ports import Change
 
-__all__ = ["LISTENER_BACKLOG", "LocalFeed"]
+__all__ = ["LISTENER_BACKLOG", "LocalFeed", "SharedFeed"]
 
 # Changes a listener may fall behind by before it is ended (its owner starts over from the store).
 LISTENER_BACKLOG = 10_000
@@ -125,3 +125,32 @@ class LocalFeed:
         """End every listener (shutdown)."""
         for listener in list(self._listeners):
             listener.close()
+
+
+class SharedFeed(LocalFeed):
+    """A LocalFeed for processes that share a store: an adapter also publishes, here, the changes
+    other processes made. A change this process published itself may come back that way too; it is
+    published once: (approval, version) pairs already published are remembered, a bounded number."""
+
+    REMEMBERED = 4096  # a few looks' worth of a burst; forgetting costs a harmless repeat
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._published: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+
+    def publish(self, change: Change) -> None:
+        key = (change.approval.id, change.approval.version)
+        if key in self._published:
+            return
+        self._published[key] = None
+        if len(self._published) > self.REMEMBERED:
+            self._published.popitem(last=False)
+        super().publish(change)
+
+    async def aclose(self) -> None:
+        """Stop hearing other processes (the adapter's part), then end every listener."""
+        self.close()
+
+    def watched_ids(self) -> list[str]:
+        """The approvals followed in this process (to re-read after missing changes)."""
+        return list(self._watches)

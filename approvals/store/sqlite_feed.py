@@ -7,18 +7,16 @@ SQLite has no notifications, so a poller looks every ``interval`` seconds: one r
 data_version``, which changes only when another connection committed, and only then the audit
 events since the last look, each published with its approval as it is now. A change this process
 made and published itself comes back through the poll too (another process's commit bumps the
-version, and the audit log holds both); it is published once: (approval, version) pairs already
-published are remembered, a bounded number of them.
+version, and the audit log holds both); `SharedFeed` publishes it once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 
-from approvals.core.feed import LocalFeed
+from approvals.core.feed import SharedFeed
 from approvals.core.ports import Change
 from approvals.store.sqlite import SqliteStore
 
@@ -29,10 +27,9 @@ log = logging.getLogger(__name__)
 # How often other processes' changes are looked for: the delay a decision taken in one process
 # adds before a call held in another hears of it.
 POLL_SECONDS = 0.05
-REMEMBERED = 4096  # (approval, version) pairs known to be published: a few polls of a burst
 
 
-class SqliteFeed(LocalFeed):
+class SqliteFeed(SharedFeed):
     """A LocalFeed that also publishes what other processes commit to the same SQLite file."""
 
     def __init__(self, store: SqliteStore, after_seq: int, interval: float) -> None:
@@ -41,7 +38,6 @@ class SqliteFeed(LocalFeed):
         self._seq = after_seq
         self._data_version: int | None = None
         self._interval = interval
-        self._published: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self._poller: asyncio.Task[None] | None = None
 
     @classmethod
@@ -50,15 +46,6 @@ class SqliteFeed(LocalFeed):
         feed = cls(store, await store.last_audit_seq(), interval)
         feed._poller = asyncio.create_task(feed._poll_forever(), name="sqlite-change-feed")
         return feed
-
-    def publish(self, change: Change) -> None:
-        key = (change.approval.id, change.approval.version)
-        if key in self._published:
-            return
-        self._published[key] = None
-        if len(self._published) > REMEMBERED:
-            self._published.popitem(last=False)
-        super().publish(change)
 
     async def poll(self) -> None:
         """One look for other processes' changes (the poller's step; tests call it directly)."""
