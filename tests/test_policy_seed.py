@@ -88,7 +88,8 @@ async def test_faq_rate_limit_block_passes_check_and_caps_each_session_at_10_a_m
     assert status == 0, err
     clock = [NOW]
     url = await _serve(start_gateway, tmp_path, json.dumps(FAQ_POLICY), clock)
-    async with mcp_client(url) as first, mcp_client(url) as second:  # one grant, two sessions
+    # One grant, two sessions (initialize era: a stateless client's calls count as one session per grant).
+    async with mcp_client(url, mode="legacy") as first, mcp_client(url, mode="legacy") as second:
         results = await _images(first, 11)
         assert [r.is_error for r in results] == [False] * 10 + [True]
         assert _meta(results[-1]) == {

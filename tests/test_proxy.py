@@ -10,7 +10,6 @@ import mcp.types as types
 import pytest
 from mcp import Client, StdioServerParameters
 
-from approvals.jsonrpc import HANDSHAKE_VERSIONS
 from tests.conftest import (
     DEMO_COMMAND,
     PROBE_COMMAND,
@@ -29,10 +28,10 @@ def _without_id(message: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_sdk_client_in_auto_mode_connects_through_the_gateway(start_gateway: StartGateway) -> None:
-    """mcp.Client's default auto mode falls back to initialize and reaches the demo upstream."""
+    """mcp.Client's default auto mode speaks 2026-07-28 through the gateway and reaches the demo upstream."""
     gw = await start_gateway({"demo": {"command": DEMO_COMMAND}})
     async with mcp_client(gw.url("demo")) as client:
-        assert client.protocol_version in HANDSHAKE_VERSIONS
+        assert client.protocol_version == "2026-07-28"
         assert client.server_info is not None
         assert client.server_info.name == "approvals-demo"
         tools = await client.list_tools()
@@ -110,7 +109,7 @@ async def test_sampling_request_reaches_the_client_and_its_answer_the_server(
             model="test-model",
         )
 
-    async with mcp_client(gw.url("everything"), sampling_callback=sample) as client:
+    async with mcp_client(gw.url("everything"), mode="legacy", sampling_callback=sample) as client:
         result = await client.call_tool("trigger-sampling-request", {"prompt": "write a haiku"})
     assert asked
     assert "write a haiku" in asked[0]
@@ -126,7 +125,7 @@ async def test_elicitation_request_reaches_the_client_and_its_answer_the_server(
     async def elicit(context: Any, params: Any) -> types.ElicitResult:
         return types.ElicitResult(action="accept", content={"name": "Ada Lovelace"})
 
-    async with mcp_client(gw.url("everything"), elicitation_callback=elicit) as client:
+    async with mcp_client(gw.url("everything"), mode="legacy", elicitation_callback=elicit) as client:
         result = await client.call_tool("trigger-elicitation-request", {})
     assert "Ada Lovelace" in str(result.model_dump())
 
@@ -138,7 +137,7 @@ async def test_roots_request_from_a_stdio_upstream_reaches_the_client(start_gate
     async def roots(context: Any) -> types.ListRootsResult:
         return types.ListRootsResult(roots=[types.Root(uri="file:///home/agent/project")])  # type: ignore[arg-type]
 
-    async with mcp_client(gw.url("probe"), list_roots_callback=roots) as client:
+    async with mcp_client(gw.url("probe"), mode="legacy", list_roots_callback=roots) as client:
         result = await client.call_tool("ask_roots", {})
     assert "file:///home/agent/project" in str(result.model_dump())
 

@@ -14,8 +14,8 @@ from approvals.core.model import Admission, ToolCall
 from approvals.errors import StoreError
 from approvals.jsonrpc import (
     INTERNAL_ERROR,
+    INVALID_PARAMS,
     INVALID_REQUEST,
-    METHOD_NOT_FOUND,
     PARSE_ERROR,
     UPSTREAM_UNAVAILABLE,
 )
@@ -137,11 +137,13 @@ async def test_foreign_host_and_origin_are_refused(start_gateway: StartGateway, 
     assert (await raw.request("ping")).status == 200
 
 
-async def test_discover_without_a_session_is_method_not_found(start_gateway: StartGateway, http: Any) -> None:
-    """server/discover gets -32601, which makes a 2026-07-28 client fall back to initialize."""
+async def test_discover_without_its_envelope_is_invalid_params(
+    start_gateway: StartGateway, http: Any
+) -> None:
+    """server/discover is served (2026-07-28), but one without its `_meta` envelope gets 400 / -32602."""
     gw = await start_gateway(PROBE)
     reply = await RawSession(http, gw.url("probe"), token=TOKEN_A).request("server/discover", {})
-    assert reply.last["error"]["code"] == METHOD_NOT_FOUND
+    assert (reply.status, reply.last["error"]["code"], reply.last["id"]) == (400, INVALID_PARAMS, 1)
 
 
 async def test_delete_ends_the_session_and_stops_its_upstream(start_gateway: StartGateway, http: Any) -> None:

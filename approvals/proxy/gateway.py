@@ -28,6 +28,7 @@ from approvals.jsonrpc import (
     error_response,
 )
 from approvals.proxy.http1 import Pool
+from approvals.proxy.pool import UpstreamPool
 from approvals.proxy.session import Session
 from approvals.proxy.upstream import connect
 
@@ -59,6 +60,10 @@ class Gateway:
         # Keep-alive connections for the POSTs to HTTP upstreams (the hot path); answers are bounded too.
         self._pool = Pool(max_body_bytes=server.max_body_bytes, client=server.upstream_client)
         self._reaper: asyncio.Task[None] | None = None
+        # Upstream sessions the gateway keeps for stateless (2026-07-28) clients, per (grant, upstream).
+        self.pool = UpstreamPool(
+            self._connect, lambda name: settings.upstreams[name].call_timeout, server.session_idle_seconds
+        )
 
     async def start(self) -> None:
         # One pooled HTTP client for every Streamable HTTP upstream: connections are kept alive
@@ -131,6 +136,8 @@ class Gateway:
         it reaches that client), else through the gateway's own session with the upstream.
         """
         session = self.sessions.get(prefer_session) if prefer_session else None
+        if session is None and prefer_session:  # a stateless client's: the grant's pooled session
+            session = self.pool.find(prefer_session, upstream)
         if session is None or session.closed_reason is not None or session.upstream_name != upstream:
             try:
                 session = await self._service_session(upstream)
@@ -189,6 +196,7 @@ class Gateway:
         await asyncio.gather(
             *(self.end_session(s, "the session was idle too long") for s in ended), return_exceptions=True
         )
+        await self.pool.reap(now)
         return ended
 
     def _idle_past_limit(self, session: Session, now: float) -> bool:
@@ -204,6 +212,7 @@ class Gateway:
         """First step of shutdown: end idle streams and holds so in-flight requests can finish."""
         for session in self.sessions.values():
             session.drain()
+        self.pool.drain()
 
     async def close(self) -> None:
         """Shutdown: end every session (stopping stdio upstreams), then the HTTP client."""
@@ -214,6 +223,7 @@ class Gateway:
         await asyncio.gather(
             *(self.end_session(s, "the gateway is shutting down") for s in list(self.sessions.values())),
             *(s.close("the gateway is shutting down") for s in self._service.values()),
+            self.pool.close(),
             return_exceptions=True,
         )
         self._pool.close()
