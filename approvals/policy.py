@@ -217,6 +217,14 @@ class Policy:
                     return Decision("require_approval", rule.key, code, None, why, rule.limits, rule.timeout)
         return entry.passed
 
+    def may_need_approval(self, tool: str) -> bool:
+        """Whether some call of `tool` may be held for a reviewer (its rule requires approval, or
+        an approval_if condition may fire): such a tool is offered to clients as a task."""
+        entry = self._lookup(tool)
+        if isinstance(entry, Decision):
+            return entry.action == "require_approval"
+        return entry.rule.action == "require_approval" or bool(entry.rule.approval_if)
+
     def is_hidden(self, tool: str) -> bool:
         """Whether `tool` must be left out of tools/list (it is also denied on call)."""
         entry = self._lookup(tool)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from approvals.config import Principal, Settings
-from approvals.core import render
+from approvals.core import render, upstream_tasks
 from approvals.core.model import (
     FINAL,
     Admission,
@@ -70,6 +70,8 @@ EXPIRY_RETRY_SECONDS = 1.0
 LEASE_GRACE_SECONDS = 60.0
 # How often leases of other processes are looked at (a dead owner's calls end within this).
 LEASE_SWEEP_SECONDS = 30.0
+# How long a best-effort tasks/cancel to an upstream may take, after its task was given up on.
+UPSTREAM_CANCEL_SECONDS = 10.0
 _FOREVER = frozenset({"approval-expiry", "approval-housekeeping"})  # tasks that run until close
 _PENDING: tuple[Status, ...] = ("pending",)
 _APPROVED: tuple[Status, ...] = ("approved",)
@@ -406,15 +408,22 @@ class ApprovalService:
             await self._counters.rollback(reservation)
             return  # expired while waiting, or another process released it: never twice
         params = {"name": approval.tool, "arguments": arguments}
+        as_task = upstream_tasks.needs_task(listed.get(approval.tool))
+        upstream_task: list[str] = []  # the upstream's task id, once it made one
         try:
             async with asyncio.timeout(timeout):
-                response = await self._upstreams.call(
-                    approval.upstream, "tools/call", params, prefer_session=approval.session_id
-                )
+                if as_task:
+                    response = await self._call_as_task(approval, params, timeout, upstream_task)
+                else:
+                    response = await self._upstreams.call(
+                        approval.upstream, "tools/call", params, prefer_session=approval.session_id
+                    )
         except TimeoutError:
             # Sent, and maybe run: never sent again, and its counts stand.
             outcome = upstream_timeout(approval, timeout)
             await self._finish(released, "released", "failed", reason="timeout", response=outcome)
+            if upstream_task:
+                self._spawn(self._cancel_upstream_task(approval, upstream_task[0]))
             return
         failed = "error" in response
         if failed:
@@ -422,6 +431,41 @@ class ApprovalService:
             if (arrival := self._arrivals.get(approval.id)) is not None:
                 await self._counters.rollback(arrival)
         await self._finish(released, "released", "failed" if failed else "completed", response=response)
+
+    async def _call_as_task(
+        self, approval: Approval, params: JsonObject, timeout: float, made: list[str]
+    ) -> JsonObject:
+        """A task-augmented tools/call, followed to its end: what a plain call would have returned.
+
+        The task's id goes into `made` as soon as it is known, so that a timeout can cancel it.
+        """
+        session = approval.session_id
+        created = await self._upstreams.call(
+            approval.upstream,
+            "tools/call",
+            upstream_tasks.task_params(params, timeout),
+            prefer_session=session,
+        )
+        task_id = upstream_tasks.read_created(approval.upstream, created)
+        if not isinstance(task_id, str):
+            return task_id  # refused, answered at once, or malformed: nothing to follow
+        made.append(task_id)
+        # tasks/result blocks at the upstream until the task is final; the caller bounds the wait.
+        answer = await self._upstreams.call(
+            approval.upstream, "tasks/result", upstream_tasks.follow_params(task_id), prefer_session=session
+        )
+        return upstream_tasks.as_plain_response(answer, task_id)
+
+    async def _cancel_upstream_task(self, approval: Approval, task_id: str) -> None:
+        """Best effort: a task the release stopped following need not run on at the upstream."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(UPSTREAM_CANCEL_SECONDS):
+                await self._upstreams.call(
+                    approval.upstream,
+                    "tasks/cancel",
+                    upstream_tasks.follow_params(task_id),
+                    prefer_session=approval.session_id,
+                )
 
     async def _room_to_release(
         self, approval: Approval, arguments: Mapping[str, object]
