@@ -30,12 +30,13 @@ from approvals.jsonrpc import (
     Message,
     encode,
     error_response,
-    parse_message,
+    parse_payload,
     result_response,
 )
+from approvals.proxy import batch, stateless, tasks
 from approvals.proxy.gate import Gate
 from approvals.proxy.gateway import Gateway
-from approvals.proxy.hold import stream_hold
+from approvals.proxy.hold import stream_hold, stream_resumed
 from approvals.proxy.keys import GATE, GATEWAY, GRANTS
 from approvals.proxy.session import Exchange, Session, bad_progress_token
 from approvals.proxy.sse import SSE_HEADERS, encode_comment, encode_event
@@ -142,13 +143,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _read(request: web.Request) -> Message | web.Response:
+async def _read(request: web.Request) -> Message | list[object] | web.Response:
     try:
         server = request.app[GATEWAY].settings.server
         # A body sent slowly holds its connection: it must arrive within the read timeout.
         async with asyncio.timeout(server.read_timeout_seconds):
             body = await read_body(request, server.max_body_bytes)
-        return parse_message(body)
+        return parse_payload(body)  # a batch comes back as a list
     except ProtocolError as exc:  # an EnvelopeError among them, with the request's id if it had one
         return rpc_error(exc.status, exc.code, exc.message, exc.request_id)
     except TimeoutError:
@@ -167,9 +168,13 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     message = await _read(request)
     if isinstance(message, web.Response):
         return message
+    if isinstance(message, list):
+        return await batch.handle_batch(request, grant, upstream, message)
     try:
         if message.method == "initialize":
             return await _initialize(request, gateway, grant, upstream, message)
+        if stateless.is_stateless(request.headers, message):  # MCP 2026-07-28: no session
+            return await stateless.handle(request, grant, upstream, message)
         return await _session_message(request, gateway, grant, upstream, message)
     except ConnectionResetError:
         # The client left before its answer: nothing to tell it, and not the gateway's error
@@ -182,15 +187,6 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
 async def _session_message(
     request: web.Request, gateway: Gateway, grant: Principal, upstream: str, message: Message
 ) -> web.StreamResponse:
-    if message.method == "server/discover" and "Mcp-Session-Id" not in request.headers:
-        # The gateway speaks the session-based protocol versions; this error makes a 2026-07-28
-        # client fall back to `initialize`.
-        return rpc_error(
-            200,
-            METHOD_NOT_FOUND,
-            "server/discover is not supported by this gateway; use initialize",
-            message.id,
-        )
     session = _session_for(request, grant, upstream)
     if isinstance(session, web.Response):
         return session
@@ -215,7 +211,9 @@ async def _initialize(
     except ProtocolError as exc:  # a session limit: 429
         return rpc_error(exc.status, exc.code, exc.message, message.id)
     exchange = session.forward_request(message)
-    response, answer = await _relay(request, session, exchange, headers={"Mcp-Session-Id": session.id})
+    response, answer = await _relay(
+        request, session, exchange, headers={"Mcp-Session-Id": session.id}, transform=tasks.advertise
+    )
     result = answer.get("result") if answer else None
     if isinstance(result, dict) and isinstance(result.get("protocolVersion"), str):
         session.protocol_version = result["protocolVersion"]
@@ -232,8 +230,17 @@ async def _request(
     if message.method == "tools/call":
         return await _tool_call(request, gateway, session, message)
     transform = (
-        _tool_filter(request.app[GATE], session.upstream_name) if message.method == "tools/list" else None
+        tasks.mark_tools(
+            request.app[GATE], session.upstream_name, _tool_filter(request.app[GATE], session.upstream_name)
+        )
+        if message.method == "tools/list"
+        else None
     )
+    if message.method in tasks.METHODS:
+        # The gateway's tasks (held calls of this grant) are answered here; others are the upstream's.
+        if (answered := await tasks.handle(request, session, message)) is not None:
+            return answered
+        transform = tasks.not_ours(message)
     exchange = session.forward_request(message)
     response, _ = await _relay(request, session, exchange, transform=transform)
     return response
@@ -274,6 +281,8 @@ async def _tool_call(
     judged = _judged(message)
     if isinstance(judged, str):
         return rpc_error(200, INVALID_PARAMS, judged, message.id)
+    if (bad_task := tasks.task_problem(message.params)) is not None:
+        return rpc_error(200, INVALID_PARAMS, bad_task, message.id)
     name, arguments, body = judged
     call = ToolCall(session.upstream_name, session.grant, session.id, name, arguments)
     try:
@@ -282,6 +291,8 @@ async def _tool_call(
         # Fail closed: a call that could not be checked is not forwarded.
         log.exception("could not admit %s on %s", name, session.upstream_name)
         return rpc_error(500, INTERNAL_ERROR, f"the gateway could not check this call: {exc}", message.id)
+    if admission.hold is not None and tasks.wants_task(message.params):
+        return await tasks.create(request, session, message, admission.hold)  # answered at once
     if admission.hold is not None:
         hold_seconds = gateway.settings.approvals.hold_seconds
         return await stream_hold(request, session, message, admission.hold, hold_seconds)
@@ -352,12 +363,16 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
     grant = _authenticate(request)
     if isinstance(grant, web.Response):
         return grant
+    if (refused := stateless.no_stream(request.headers)) is not None:
+        return refused
     upstream = request.match_info["upstream"]
     if "text/event-stream" not in request.headers.get("Accept", ""):
         return rpc_error(406, INVALID_REQUEST, "GET needs Accept: text/event-stream")
     session = _session_for(request, grant, upstream)
     if isinstance(session, web.Response):
         return session
+    if (last_event_id := request.headers.get("Last-Event-ID")) is not None:
+        return await stream_resumed(request, session, last_event_id)
     transport = request.transport
     outbox = session.open_stream(transport.abort if transport is not None else None)
     stream = web.StreamResponse(headers=SSE_HEADERS)
@@ -384,6 +399,8 @@ async def handle_delete(request: web.Request) -> web.StreamResponse:
     grant = _authenticate(request)
     if isinstance(grant, web.Response):
         return grant
+    if (refused := stateless.no_stream(request.headers)) is not None:
+        return refused
     session = _session_for(request, grant, request.match_info["upstream"])
     if isinstance(session, web.Response):
         return session

@@ -175,6 +175,11 @@ class HttpUpstream:
 
 
 MAX_REDIRECTS = 10
+# Reconnects of one POST's stream that the upstream closed before its answer (SEP-1699), and the
+# bounds on the wait before each (the upstream's `retry:`, else the SSE default).
+MAX_RESUMES = 5
+DEFAULT_RETRY_MS = 1000
+MAX_RETRY_MS = 10_000
 _IGNORE, _JSON, _SSE, _REDIRECT = range(4)
 
 
@@ -194,6 +199,7 @@ class _Post:
         "_conn",
         "_mode",
         "_redirects",
+        "_resumes",
         "_size",
         "_sse",
         "_status",
@@ -216,6 +222,7 @@ class _Post:
         self._body = encode(message)
         self._url = upstream._url
         self._redirects = 0
+        self._resumes = 0
         self._conn: Connection | None = None
         self.connecting: asyncio.Task[None] | None = None
         self._mode = _IGNORE
@@ -376,8 +383,56 @@ class _Post:
             return
         if self._answered:
             self._finish()
+        elif self._resumable():
+            # SEP-1699: the upstream closed the stream after an event id, expecting a reconnect.
+            self.connecting = asyncio.create_task(self._resume())
         else:
             self.fail(ConnectionError("the upstream ended its answer without a response"))
+
+    def _resumable(self) -> bool:
+        return (
+            self._mode == _SSE
+            and self._sse is not None
+            and bool(self._sse.last_event_id)
+            and self._resumes < MAX_RESUMES
+        )
+
+    async def _resume(self) -> None:
+        """`GET` + `Last-Event-ID` until the answer comes, at most MAX_RESUMES times in all."""
+        upstream = self.upstream
+        try:
+            while self._resumable():
+                assert self._sse is not None
+                self._resumes += 1
+                retry_ms = self._sse.retry_ms if self._sse.retry_ms is not None else DEFAULT_RETRY_MS
+                await asyncio.sleep(min(retry_ms, MAX_RETRY_MS) / 1000)  # the upstream's `retry:`
+                headers = upstream._headers(accept="text/event-stream")
+                headers["Last-Event-ID"] = str(self._sse.last_event_id)
+                async with upstream._http.get(upstream._settings.url, headers=headers) as resp:
+                    if resp.status != 200 or not resp.content_type.startswith("text/event-stream"):
+                        raise ConnectionError(f"HTTP {resp.status} to a reconnect with Last-Event-ID")
+                    async for chunk in resp.content.iter_any():
+                        self.data(chunk)
+                        if self.done or self._answered:
+                            break
+                if self.done:
+                    return  # failed (too large) or cancelled meanwhile
+                if not self._answered:
+                    for event in self._sse.end():
+                        self._answered = upstream._deliver(event.data, self.request_id) or self._answered
+                if self._answered:
+                    self._finish()
+                    return
+            self.fail(
+                ConnectionError(
+                    f"the upstream's stream ended without a response ({self._resumes} reconnects)"
+                )
+            )
+        except (aiohttp.ClientError, ConnectionError, TimeoutError, ValueError) as exc:
+            self.fail(ConnectionError(f"reconnecting to the upstream's stream failed: {exc}"))
+        finally:
+            if self.connecting is asyncio.current_task():
+                self.connecting = None
 
     def fail(self, error: Exception) -> None:
         if self.done:

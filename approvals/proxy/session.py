@@ -33,6 +33,7 @@ from approvals.jsonrpc import (
     encode,
     error_response,
 )
+from approvals.proxy.resume import Replays
 from approvals.proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,9 @@ class Session:
         self.waiting_bytes = 0
         self.held: dict[RequestId, Hold] = {}  # calls waiting for a reviewer, by client request id
         self.cancelled: set[RequestId] = set()  # held calls the client cancelled
+        self.replays = Replays(max_backlog_bytes, clock)  # held-call streams a client may resume
         self._background: set[asyncio.Task[None]] = set()
+        self.task_watchers: set[asyncio.Task[None]] = set()  # tasks followed for status (proxy.tasks)
         self.draining = asyncio.Event()  # set at shutdown: streams end, held calls answer now
         self.on_close: Callable[[Session], None] | None = None
 
@@ -411,7 +414,10 @@ class Session:
             self.closed_reason = reason
         for request_id in list(self.held):
             self._cancel_hold(request_id, "the client's session ended")
+        for watcher in self.task_watchers:
+            watcher.cancel()  # the tasks themselves go on: another session may ask for them
         await asyncio.gather(*self._background, return_exceptions=True)
+        self.replays.clear()
         self._end_all(self.closed_reason)
         if self.connection is not None:
             await self.connection.close()

@@ -54,6 +54,7 @@ class SseDecoder:
         "_pending",
         "_pending_bytes",
         "max_bytes",
+        "retry_ms",
     )
 
     def __init__(self, max_bytes: int = MAX_EVENT_BYTES) -> None:
@@ -65,6 +66,7 @@ class SseDecoder:
         self._event = "message"
         self._id: str | None = None
         self._after_cr = False  # the last chunk ended in CR: an LF starting the next is its CRLF's
+        self.retry_ms: int | None = None  # the stream's last `retry:`, for a reconnect
 
     def feed(self, chunk: bytes) -> list[Event]:
         """The events completed by `chunk`."""
@@ -125,6 +127,13 @@ class SseDecoder:
             self._event = value or "message"  # an empty type is a `message` event
         elif name == "id" and "\0" not in value:  # the spec ignores an id with NUL in it
             self._id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self.retry_ms = int(value)
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The last event id seen, priming events (empty data) included: where a reconnect resumes."""
+        return self._id
 
 
 async def read_events(
