@@ -19,8 +19,10 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@ $(VENV)/.run-installed
 
-# The npm test upstream (@modelcontextprotocol/server-everything), pinned by its lockfile.
-tests/node/node_modules/.installed: tests/node/package-lock.json
+# The npm test dependencies, pinned by their lockfile: server-everything (an upstream), the TypeScript
+# SDK clients, and the conformance suite with the Node 22 it needs (the `node` package's preinstall
+# fetches the binary for this platform into tests/node/node_modules/node/bin/node).
+tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
 	npm ci --prefix tests/node --no-audit --no-fund
 	touch $@
 
