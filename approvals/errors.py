@@ -7,8 +7,14 @@
     │   ├── EnvelopeError  (approvals.jsonrpc) not one well-formed JSON-RPC message
     │   └── JsonInputError (approvals.jsonrpc) JSON past the gateway's bounds (depth, numbers)
     ├── UpstreamError      the upstream MCP server could not be reached, died or answered badly
+    │   ├── HttpError      (approvals.proxy.http1) also a ConnectionError
+    │   └── TooLarge       (approvals.proxy.sse) an answer or event past max_body_bytes
     ├── PolicyError        (approvals.policy) a policy file is invalid; carries every issue
-    ├── StoreError         the database failed; nothing was decided or released
+    ├── StoreError         the database failed; nothing was decided or released (the SQLite
+    │                      thread's own ThreadClosedError is an sqlite3 error it is made from)
+    ├── SlackRequestError  (approvals.channels.slack_requests) a request Slack did not sign, or junk
+    ├── SlackCallFailed    (approvals.channels.slack_api) a Slack Web API call failed for good
+    ├── ReviewError        (approvals.review_client) the CLI's call to a gateway failed
     └── DecisionRefused    a reviewer's decision that cannot be taken; carries a kind (unknown,
                            own agent, not a reviewer, already decided, expired), never a status
 

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import aiohttp
 
 from approvals.core import render
+from approvals.errors import ApprovalsError
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 ID_LENGTH = 32  # an approval id is a uuid4 in hex: anything this long is taken as a whole id
@@ -26,7 +27,7 @@ EXIT_FAILED = 1
 EXIT_AMBIGUOUS = 2  # a usage error, as argparse's: the command was not specific enough
 
 
-class ReviewError(Exception):
+class ReviewError(ApprovalsError):
     """The gateway refused or could not be reached; the message says which and why."""
 
     exit_status = EXIT_FAILED

@@ -20,6 +20,8 @@ import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from approvals.errors import ApprovalsError
+
 __all__ = ["TRANSIENT_ERRORS", "Retry", "SlackApi", "SlackCallFailed"]
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ class Retry:
         return min(max(retry_after, 0.0), self.max_wait)
 
 
-class SlackCallFailed(Exception):
+class SlackCallFailed(ApprovalsError):
     """A Slack Web API call failed for good (after its retries, or at once for a permanent error)."""
 
 

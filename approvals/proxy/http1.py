@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
+from approvals.errors import UpstreamError
+
 CONNECT_TIMEOUT_SECONDS = 10.0
 MAX_IDLE_PER_ORIGIN = 256
 MAX_HEAD_BYTES = 64 * 1024
@@ -30,7 +32,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # server.max_body_bytes' default
 DECODE_STEP = 256 * 1024  # the most inflated from a compressed answer at a time
 
 
-class HttpError(ConnectionError):
+class HttpError(UpstreamError, ConnectionError):
     """The connection failed, or the server sent something that is not HTTP/1.1."""
 
 

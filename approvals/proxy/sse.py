@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from approvals.errors import UpstreamError
+
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform"}
 
 
@@ -33,7 +35,7 @@ class Event:
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 
 
-class TooLarge(ValueError):
+class TooLarge(UpstreamError, ValueError):
     """An answer, or one event of a stream, is larger than the gateway accepts."""
 
 
