@@ -40,13 +40,11 @@ ALLOW_ALL = {"version": "1", "default": "allow"}
 # (the stateless 2026-07-28 revision) is landing in parts: this list grows as they land, until it
 # covers every check and the 2026-07-28 test asserts what the 2025-11-25 one does. Not listed yet
 # (each fails through the gateway today; see tests/.artifacts/conformance-2026-07-28-*.md):
-# server-stateless/sep-2575-http-server-method-not-found-404-initialize, the subscriptions/listen
-# checks (sep-2575-server-sends-subscription-ack, -tags-subscription-id, -honors-notification-filter),
-# the input-required round trips (input-required-result-basic-*/sep-2322-*-incomplete and
-# -complete, sep-2322-missing-response-rerequests, sep-2322-result-type-included: the upstream's
-# InputRequiredResult does not come back through the gateway) and, bridged to an initialize-era
-# upstream, input-required-result-validate-input/sep-2322-error-on-protocol-error and
-# -validate-input-responses.
+# the subscriptions/listen checks (server-stateless/sep-2575-server-sends-subscription-ack,
+# -tags-subscription-id, -honors-notification-filter) and the input-required round trips
+# (input-required-result-basic-*/sep-2322-*-incomplete and -complete,
+# sep-2322-missing-response-rerequests, sep-2322-result-type-included: the upstream's
+# InputRequiredResult does not come back through the gateway).
 BRIDGED_2026_CHECKS: frozenset[str] = frozenset(
     {
         "caching/*",
@@ -67,7 +65,7 @@ BRIDGED_2026_CHECKS: frozenset[str] = frozenset(
         "input-required-result-result-type/wire-schema-valid",
         "input-required-result-tampered-state/*",
         "input-required-result-unsupported-methods/*",
-        "input-required-result-validate-input/wire-schema-valid",
+        "input-required-result-validate-input/*",
         "json-schema-2020-12/*",
         "prompts-get-embedded-resource/*",
         "prompts-get-simple/*",
@@ -85,6 +83,7 @@ BRIDGED_2026_CHECKS: frozenset[str] = frozenset(
         "server-stateless/sep-2575-http-server-header-mismatch-400",
         "server-stateless/sep-2575-http-server-meta-invalid-400",
         "server-stateless/sep-2575-http-server-method-not-found-404",
+        "server-stateless/sep-2575-http-server-method-not-found-404-initialize",
         "server-stateless/sep-2575-http-server-method-not-found-404-logging-setlevel",
         "server-stateless/sep-2575-http-server-method-not-found-404-ping",
         "server-stateless/sep-2575-http-server-method-not-found-404-resources-subscribe",

@@ -416,3 +416,96 @@ async def test_pinned_client_through_the_time_server_and_server_everything(
     assert not now.is_error
     assert not echoed.is_error
     assert "héllo" in _text(echoed)
+
+
+# ---- removed methods, input responses, stray session ids --------------------------------------
+
+
+async def test_initialize_of_2026_is_method_not_found_404(demo: Running, http: aiohttp.ClientSession) -> None:
+    """A 2026-07-28 initialize is a removed method: 404 and -32601; no session is opened."""
+    status, reply, headers = await _post(
+        http, demo.url("demo"), _request("initialize"), _headers("initialize")
+    )
+    assert (status, reply["error"]["code"], reply["id"]) == (404, -32601, 7)
+    assert "Mcp-Session-Id" not in headers
+    assert demo.app[GATEWAY].sessions == {}
+
+
+async def test_initialize_of_2026_without_envelope_is_invalid_params(
+    demo: Running, http: aiohttp.ClientSession
+) -> None:
+    """A 2026-07-28 initialize with no `_meta` envelope fails the ladder first: 400 and -32602."""
+    body = {"jsonrpc": "2.0", "id": 7, "method": "initialize", "params": {"protocolVersion": MODERN}}
+    status, reply, _ = await _post(http, demo.url("demo"), body, _headers("initialize"))
+    assert (status, reply["error"]["code"]) == (400, -32602)
+    assert demo.app[GATEWAY].sessions == {}
+
+
+async def test_initialize_era_initialize_still_opens_a_session(
+    demo: Running, http: aiohttp.ClientSession
+) -> None:
+    """An initialize without a 2026-07-28 header is the handshake, as before: a session id comes back."""
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "r", "version": "1"},
+        },
+    }
+    headers = {k: v for k, v in _headers("initialize").items() if k != "MCP-Protocol-Version"}
+    status, reply, reply_headers = await _post(http, demo.url("demo"), body, headers)
+    assert status == 200
+    assert reply["result"]["protocolVersion"] == "2025-11-25"
+    assert reply_headers.get("Mcp-Session-Id")
+
+
+@pytest.mark.parametrize(
+    "responses", [None, 12345, "yes", [], [{"action": "accept"}], {"user_name": 12345}, {"user_name": None}]
+)
+async def test_malformed_input_responses_are_invalid_params(
+    demo: Running, http: aiohttp.ClientSession, responses: object
+) -> None:
+    """`inputResponses` that is not an object of objects is refused (400, -32602), never forwarded."""
+    body = _request("tools/call", {"name": "get_time", "arguments": {}, "inputResponses": responses})
+    headers = _headers("tools/call", **{"Mcp-Name": "get_time"})
+    status, reply, _ = await _post(http, demo.url("demo"), body, headers)
+    assert (status, reply["error"]["code"], reply["id"]) == (400, -32602, 7)
+
+
+async def test_well_formed_input_responses_pass(demo: Running, http: aiohttp.ClientSession) -> None:
+    """An object of response objects (extra keys included) passes the check: the call is served."""
+    responses = {
+        "user_name": {"action": "accept", "content": {"name": "Alice"}},
+        "extra": {"action": "decline"},
+    }
+    body = _request("tools/call", {"name": "get_time", "arguments": {}, "inputResponses": responses})
+    headers = _headers("tools/call", **{"Mcp-Name": "get_time"})
+    status, reply, _ = await _post(http, demo.url("demo"), body, headers)
+    assert status == 200
+    assert reply["result"]["resultType"] == "complete"
+
+
+@pytest.mark.parametrize("session_id", ["made-up", ""])
+async def test_stray_session_id_is_ignored_by_a_2026_request(
+    demo: Running, http: aiohttp.ClientSession, session_id: str
+) -> None:
+    """A 2026-07-28 request with an Mcp-Session-Id is served statelessly: the header is ignored."""
+    headers = _headers("tools/list", **{"Mcp-Session-Id": session_id})
+    status, reply, reply_headers = await _post(http, demo.url("demo"), _request("tools/list"), headers)
+    assert status == 200
+    assert reply["result"]["resultType"] == "complete"
+    assert "Mcp-Session-Id" not in reply_headers
+    assert demo.app[GATEWAY].sessions == {}
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+async def test_get_and_delete_of_2026_with_a_stray_session_id_are_not_allowed(
+    demo: Running, http: aiohttp.ClientSession, method: str
+) -> None:
+    """GET and DELETE of 2026-07-28 get 405 even with an Mcp-Session-Id: the era has no sessions."""
+    headers = {**_headers("tools/list"), "Accept": "text/event-stream", "Mcp-Session-Id": "made-up"}
+    async with http.request(method, demo.url("demo"), headers=headers) as response:
+        assert (response.status, response.headers.get("Allow")) == (405, "POST")

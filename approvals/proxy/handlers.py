@@ -171,10 +171,11 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     if isinstance(message, list):
         return await batch.handle_batch(request, grant, upstream, message)
     try:
-        if message.method == "initialize":
-            return await _initialize(request, gateway, grant, upstream, message)
+        # First: a 2026-07-28 `initialize` is a removed method there (404), not a handshake.
         if stateless.is_stateless(request.headers, message):  # MCP 2026-07-28: no session
             return await stateless.handle(request, grant, upstream, message)
+        if message.method == "initialize":
+            return await _initialize(request, gateway, grant, upstream, message)
         return await _session_message(request, gateway, grant, upstream, message)
     except ConnectionResetError:
         # The client left before its answer: nothing to tell it, and not the gateway's error

@@ -115,10 +115,14 @@ _BASE64_SENTINEL = re.compile(r"=\?base64\?(?P<payload>.*)\?=")
 def is_stateless(headers: CIMultiDictProxy[str], message: Message) -> bool:
     """Whether a POST is of the 2026-07-28 era: no session, and a 2026 method, envelope or header.
 
-    A version header of the initialize era without a session stays on the session path (which
-    asks for the session); anything else without a session is checked here, so an unknown
+    A 2026-07-28 version header wins over everything else, as the `mcp` SDK routes: a stray
+    Mcp-Session-Id is ignored (the era has no sessions), and its `initialize` is a removed method
+    (404). A version header of the initialize era without a session stays on the session path
+    (which asks for the session); anything else without a session is checked here, so an unknown
     version is told which ones are served.
     """
+    if headers.get(VERSION_HEADER) in MODERN_VERSIONS:
+        return True
     if "Mcp-Session-Id" in headers or message.method == "initialize":
         return False
     if message.method == "server/discover":
@@ -133,6 +137,8 @@ def is_stateless(headers: CIMultiDictProxy[str], message: Message) -> bool:
 def no_stream(headers: CIMultiDictProxy[str]) -> web.Response | None:
     """405 for a GET or DELETE of 2026-07-28, which has no session stream to open or end."""
     version = headers.get(VERSION_HEADER)
+    if version in MODERN_VERSIONS:
+        return web.Response(status=405, headers={"Allow": "POST"})  # a stray Mcp-Session-Id changes nothing
     if "Mcp-Session-Id" in headers or version is None or version in HANDSHAKE_VERSIONS:
         return None
     return web.Response(status=405, headers={"Allow": "POST"})
@@ -171,7 +177,16 @@ async def handle(
         return _reject(message.id, rejection)
     if (bad_token := bad_progress_token(message.params)) is not None:
         return error(message.id, INVALID_PARAMS, bad_token)
+    if (bad_responses := bad_input_responses(message.params)) is not None:
+        return error(message.id, INVALID_PARAMS, bad_responses)
     method = message.method
+    if method == "initialize":
+        return error(
+            message.id,
+            METHOD_NOT_FOUND,
+            "initialize does not exist in 2026-07-28 (there is no handshake): send server/discover,"
+            " or initialize with an initialize-era MCP-Protocol-Version header",
+        )
     if method == "server/discover":
         return await _discover(request, grant, upstream, message)
     if method == "tools/call":
@@ -248,6 +263,25 @@ def _header_mismatch(headers: CIMultiDictProxy[str], message: Message, version: 
     named = message.params.get(field) if field is not None else None
     if named is not None and decode_header_value(headers.get(NAME_HEADER)) != named:
         return f"the {NAME_HEADER} header does not match the body's params.{field}"
+    return None
+
+
+def bad_input_responses(params: JsonObject) -> str | None:
+    """What is wrong with `params.inputResponses`, if anything (schema: `InputResponses`).
+
+    It is optional, but when present it is an object of responses, each an object (an
+    `ElicitResult`, `CreateMessageResult` or `ListRootsResult`). The initialize-era upstream behind
+    the gateway ignores the field, so a malformed one would pass unnoticed: it is refused here.
+    """
+    if "inputResponses" not in params:
+        return None
+    responses = params["inputResponses"]
+    if not isinstance(responses, dict):
+        got = "null" if responses is None else handlers._json_type(responses)
+        return f"params.inputResponses must be an object of responses (got {got})"
+    for key, response in responses.items():
+        if not isinstance(response, dict):
+            return f"params.inputResponses[{key!r}] must be an object (got {handlers._json_type(response)})"
     return None
 
 
