@@ -49,7 +49,7 @@ from approvals.jsonrpc import (
     error_response,
     result_response,
 )
-from approvals.proxy import handlers
+from approvals.proxy import handlers, tasks_modern
 from approvals.proxy.hold import stream_hold
 from approvals.proxy.keys import GATE, GATEWAY
 from approvals.proxy.pool import Pooled, stateless_session
@@ -189,6 +189,8 @@ async def handle(
         )
     if method == "server/discover":
         return await _discover(request, grant, upstream, message)
+    if method in tasks_modern.METHODS:
+        return await tasks_modern.handle(request, grant, upstream, message)
     if method == "tools/call":
         return await _tool_call(request, grant, upstream, message)
     if method in PASSTHROUGH:
@@ -339,7 +341,7 @@ def discover_result(server: JsonObject) -> JsonObject:
             capabilities[name] = {k: v for k, v in value.items() if k not in UNBRIDGED_CAPABILITY_FIELDS}
     result: JsonObject = {
         "supportedVersions": list(MODERN_VERSIONS),
-        "capabilities": capabilities,
+        "capabilities": tasks_modern.advertise(capabilities),
         "resultType": "complete",
         "ttlMs": 0,
         "cacheScope": "private",
@@ -360,6 +362,8 @@ async def _tool_call(
     if isinstance(judged, str):
         return error(message.id, INVALID_PARAMS, judged)
     name, arguments, body = judged
+    if (bad_task := tasks_modern.task_problem(message)) is not None:
+        return error(message.id, INVALID_PARAMS, bad_task)
     call = ToolCall(upstream, grant.name, stateless_session(grant.name), name, arguments)
     try:
         admission = await request.app[GATE].admit(call)
@@ -369,6 +373,8 @@ async def _tool_call(
             500, INTERNAL_ERROR, f"the gateway could not check this call: {exc}", message.id
         )
     gateway = request.app[GATEWAY]
+    if admission.hold is not None and tasks_modern.wants_task(message):
+        return await tasks_modern.create(request, grant, upstream, message, admission.hold)
     if admission.hold is not None:
         holder = Session(
             f"stateless-{secrets.token_urlsafe(12)}", grant.name, gateway.settings.upstreams[upstream]
