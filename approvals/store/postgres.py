@@ -34,6 +34,7 @@ from approvals.core.model import (
 )
 from approvals.core.ports import CounterRow
 from approvals.errors import StoreError
+from approvals.store import postgres_inbox
 
 __all__ = ["CHANNEL", "MIGRATIONS", "PostgresStore"]
 
@@ -105,6 +106,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (counter, scope_key, window_start)
     );
     """,
+    postgres_inbox.MIGRATION,
 ]
 
 _COLUMN = {name: "grant_name" if name == "grant" else name for name in STORED_FIELDS}
@@ -151,7 +153,8 @@ class PostgresStore:
     async def empty(self) -> None:
         """Delete every row (tests sharing one database start each from nothing)."""
         async with self._connection("empty the database") as conn:
-            await conn.execute("TRUNCATE approvals, audit, message_refs, counters RESTART IDENTITY CASCADE")
+            tables = "approvals, audit, message_refs, counters, used_login_links, ended_inbox_sessions"
+            await conn.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
 
     async def schema_version(self) -> int:
         async with self._connection("read the schema version") as conn:
