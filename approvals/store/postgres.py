@@ -34,7 +34,7 @@ from approvals.core.model import (
 )
 from approvals.core.ports import CounterRow
 from approvals.errors import StoreError
-from approvals.store import postgres_inbox
+from approvals.store import postgres_inbox, postgres_replicas
 
 __all__ = ["CHANNEL", "MIGRATIONS", "PostgresStore"]
 
@@ -107,6 +107,7 @@ MIGRATIONS: list[str] = [
     );
     """,
     postgres_inbox.MIGRATION,
+    postgres_replicas.MIGRATION,
 ]
 
 _COLUMN = {name: "grant_name" if name == "grant" else name for name in STORED_FIELDS}
