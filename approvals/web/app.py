@@ -15,6 +15,7 @@ from approvals.channels import Channel, Channels, slack
 from approvals.config import Settings
 from approvals.jsonrpc import INVALID_REQUEST, encode, error_response
 from approvals.policy_files import WATCH_INTERVAL_SECONDS
+from approvals.proxy import affinity
 from approvals.proxy.gate import Gate
 from approvals.proxy.handlers import add_routes
 from approvals.proxy.keys import GATE, GATEWAY, GRANTS
@@ -51,6 +52,7 @@ async def create_app(
         app[GATE] = gate if gate is not None else runtime.gatekeeper
         app[GATEKEEPER] = runtime.gatekeeper
         app[SERVICE] = runtime.service
+        affinity.install(app, runtime)
         add_routes(app)
         api.add_routes(app, TokenIndex(settings.reviewers))
         views: list[Channel] = [inbox.setup(app, settings, runtime.service)]
