@@ -13,7 +13,8 @@ reaches every one of them.
 
 A release is leased to this process (``owner``) for the upstream's call timeout plus a grace: a
 process that finds a released record whose lease ran out knows its owner stopped mid-call, and
-ends it as interrupted — never sends it again.
+ends it as interrupted — never sends it again. The release path lives in `release.py` (a base
+class of the service), held calls in `holds.py`, lease liveness in `leases.py`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from approvals.config import Principal, Settings
-from approvals.core import render, upstream_tasks
+from approvals.core import render
+from approvals.core.holds import ApprovalHold
+from approvals.core.leases import LIVE_OWNERS
 from approvals.core.model import (
     FINAL,
     Admission,
@@ -43,18 +46,16 @@ from approvals.core.model import (
     new_approval_id,
     sha256_of,
 )
-from approvals.core.ports import ApprovalStore, Change, ChangeFeed, Counters, UpstreamCaller, Watch
+from approvals.core.ports import ApprovalStore, Change, ChangeFeed, Counters, UpstreamCaller
+from approvals.core.release import Releasing
 from approvals.errors import DecisionRefused, RefusalKind
 from approvals.jsonrpc import JsonObject
-from approvals.limits import LimitRefusal, Reservation, scope_key, window_start
+from approvals.limits import LimitRefusal, Reservation
 from approvals.outcomes import (
     encode_outcome,
     final_outcome,
     limit_refusal,
-    pending_result,
     too_many_pending,
-    upstream_timeout,
-    waiting_status,
 )
 from approvals.policy import Decision, Limit
 from approvals.tool_catalog import ToolCatalog, fingerprint
@@ -66,54 +67,15 @@ log = logging.getLogger(__name__)
 KEEP_RESULT_SECONDS = 3600.0
 KEEP_RESULT_BYTES = 1024 * 1024
 EXPIRY_RETRY_SECONDS = 1.0
-# A lease outlives the call timeout by this much, so a live owner always finishes first.
-LEASE_GRACE_SECONDS = 60.0
 # How often leases of other processes are looked at (a dead owner's calls end within this).
 LEASE_SWEEP_SECONDS = 30.0
-# How long a best-effort tasks/cancel to an upstream may take, after its task was given up on.
-UPSTREAM_CANCEL_SECONDS = 10.0
 _FOREVER = frozenset({"approval-expiry", "approval-housekeeping"})  # tasks that run until close
 _PENDING: tuple[Status, ...] = ("pending",)
 _APPROVED: tuple[Status, ...] = ("approved",)
 LimitsFor = Callable[[str, str, Mapping[str, object]], Sequence[Limit]]
 
 
-def outcome_of(change: Change) -> JsonObject:
-    """What a held call answers with once its approval is final (a JSON-RPC response without id)."""
-    if change.response is not None:
-        return {k: v for k, v in change.response.items() if k not in ("id", "jsonrpc")}
-    return final_outcome(change.approval)
-
-
-class ApprovalHold:
-    """One held call on an approval (the proxy's `Hold`), following it on the change feed."""
-
-    def __init__(self, service: ApprovalService, watch: Watch) -> None:
-        self.approval_id = watch.latest.id
-        self._service = service
-        self._watch = watch
-
-    async def wait(self, timeout: float) -> JsonObject | None:
-        change = await self._watch.final(timeout)
-        return None if change is None else outcome_of(change)
-
-    def status(self, now: float) -> str:
-        return waiting_status(self._watch.latest, now)
-
-    def pending_result(self, now: float) -> JsonObject:
-        return pending_result(self._watch.latest, now, self._service.url_of(self.approval_id))
-
-    def delivered(self) -> None:
-        self._service.delivered(self.approval_id)
-
-    async def cancel(self, reason: str) -> None:
-        await self._service.cancel(self.approval_id, reason)
-
-    def close(self) -> None:
-        self._watch.close()
-
-
-class ApprovalService:
+class ApprovalService(Releasing):
     """Creates approvals for held calls, takes decisions, and releases approved calls upstream.
 
     Made fully started by :meth:`open`, ended by :meth:`close`.
@@ -178,7 +140,7 @@ class ApprovalService:
             limits_for=limits_for,
             clock=clock,
         )
-        _LIVE_OWNERS.add(service.owner)
+        LIVE_OWNERS.add(service.owner)
         await service._recover()
         # Approved but never released (the process stopped right after the decision): release now.
         # All read before any is released: a release moves its record out of the pages being read.
@@ -205,7 +167,7 @@ class ApprovalService:
             await asyncio.gather(*work, return_exceptions=True)
 
     async def close(self) -> None:
-        _LIVE_OWNERS.discard(self.owner)
+        LIVE_OWNERS.discard(self.owner)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -371,159 +333,6 @@ class ApprovalService:
             self.feed.publish(Change(moved, event or to))
         return moved  # final moves are published by _settle, with the outcome kept
 
-    # ---- release ---------------------------------------------------------------------------
-
-    async def _release(self, approval: Approval, decided_mark: int) -> None:
-        """Forward an approved call exactly once, with exactly the stored arguments.
-
-        `decided_mark` is the catalog's mark taken once the approval was decided.
-        """
-        arguments = approval.arguments
-        reservation = await self._room_to_release(approval, arguments)
-        if reservation is None:
-            return
-        # Any listing begun after the decision shows the definition as it is now: a burst of
-        # releases shares one instead of asking the upstream once per call.
-        listed = await self._catalog.fetch(approval.upstream, approval.session_id, after=decided_mark)
-        definition_json, definition_sha = fingerprint(listed.get(approval.tool))
-        # Fail closed: an unknown definition (now or at the request) cannot be shown to match.
-        if not definition_sha or definition_sha != approval.tool_sha256:
-            # Reviewed under another definition (or the tool is gone): the approval does not carry over.
-            await self._counters.rollback(reservation)
-            await self._back_to_review(approval, definition_json, definition_sha, bool(listed))
-            return
-        timeout = self.settings.upstreams[approval.upstream].call_timeout
-        now = self.clock()
-        released = await self._move(
-            approval.id,
-            _APPROVED,
-            "released",
-            actor="gateway",
-            channel="gateway",
-            released_at=now,
-            lease_owner=self.owner,
-            lease_expires_at=now + timeout + LEASE_GRACE_SECONDS,
-        )
-        if released is None:
-            await self._counters.rollback(reservation)
-            return  # expired while waiting, or another process released it: never twice
-        params = {"name": approval.tool, "arguments": arguments}
-        as_task = upstream_tasks.needs_task(listed.get(approval.tool))
-        upstream_task: list[str] = []  # the upstream's task id, once it made one
-        try:
-            async with asyncio.timeout(timeout):
-                if as_task:
-                    response = await self._call_as_task(approval, params, timeout, upstream_task)
-                else:
-                    response = await self._upstreams.call(
-                        approval.upstream, "tools/call", params, prefer_session=approval.session_id
-                    )
-        except TimeoutError:
-            # Sent, and maybe run: never sent again, and its counts stand.
-            outcome = upstream_timeout(approval, timeout)
-            await self._finish(released, "released", "failed", reason="timeout", response=outcome)
-            if upstream_task:
-                self._spawn(self._cancel_upstream_task(approval, upstream_task[0]))
-            return
-        failed = "error" in response
-        if failed:
-            await self._counters.rollback(reservation)
-            if (arrival := self._arrivals.get(approval.id)) is not None:
-                await self._counters.rollback(arrival)
-        await self._finish(released, "released", "failed" if failed else "completed", response=response)
-
-    async def _call_as_task(
-        self, approval: Approval, params: JsonObject, timeout: float, made: list[str]
-    ) -> JsonObject:
-        """A task-augmented tools/call, followed to its end: what a plain call would have returned.
-
-        The task's id goes into `made` as soon as it is known, so that a timeout can cancel it.
-        """
-        session = approval.session_id
-        created = await self._upstreams.call(
-            approval.upstream,
-            "tools/call",
-            upstream_tasks.task_params(params, timeout),
-            prefer_session=session,
-        )
-        task_id = upstream_tasks.read_created(approval.upstream, created)
-        if not isinstance(task_id, str):
-            return task_id  # refused, answered at once, or malformed: nothing to follow
-        made.append(task_id)
-        # tasks/result blocks at the upstream until the task is final; the caller bounds the wait.
-        answer = await self._upstreams.call(
-            approval.upstream, "tasks/result", upstream_tasks.follow_params(task_id), prefer_session=session
-        )
-        return upstream_tasks.as_plain_response(answer, task_id)
-
-    async def _cancel_upstream_task(self, approval: Approval, task_id: str) -> None:
-        """Best effort: a task the release stopped following need not run on at the upstream."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(UPSTREAM_CANCEL_SECONDS):
-                await self._upstreams.call(
-                    approval.upstream,
-                    "tasks/cancel",
-                    upstream_tasks.follow_params(task_id),
-                    prefer_session=approval.session_id,
-                )
-
-    async def _room_to_release(
-        self, approval: Approval, arguments: Mapping[str, object]
-    ) -> Reservation | None:
-        """Count the release against the limits; wait, in order, for a window with room.
-
-        Limits whose window is the one the call was counted in on arrival are not counted twice.
-        None when the approval expired while waiting (it is then never released).
-        """
-        limits = self._limits_for(approval.upstream, approval.tool, arguments)
-        while True:
-            now = self.clock()
-            needed = [lim for lim in limits if not self._counted_on_arrival(approval, lim, now)]
-            reserved = await self._counters.reserve(
-                needed, grant=approval.grant, session=approval.session_id, arguments=arguments, now=now
-            )
-            if isinstance(reserved, Reservation):
-                return reserved
-            if math.isinf(reserved.retry_after) or now + reserved.retry_after >= approval.expires_at:
-                why = f"approved, but expired waiting for room under rate limit {reserved.limit.counter}"
-                await self._finish(approval, "approved", "expired", reason=why)
-                return None
-            lock = self._release_locks.setdefault(reserved.limit.counter, asyncio.Lock())
-            async with lock:  # FIFO: releases held up by the same limit go in the order they queued
-                await asyncio.sleep(reserved.retry_after)
-
-    def _counted_on_arrival(self, approval: Approval, limit: Limit, now: float) -> bool:
-        arrival = self._arrivals.get(approval.id)
-        if arrival is None:
-            return False
-        key = scope_key(limit.scope, grant=approval.grant, session=approval.session_id)
-        start = window_start(now, limit.window)
-        return any(e[0] == limit.counter and e[1] == key and e[2] == start for e in arrival.entries)
-
-    async def _back_to_review(self, approval: Approval, definition_json: str, sha: str, listed: bool) -> None:
-        if not listed:
-            note = "the upstream did not list its tools at release, so the definition could not be checked"
-        elif not sha:
-            note = f"the upstream no longer lists {approval.tool}"
-        else:
-            note = "the tool's definition changed upstream after the request; it needs a new look"
-        back = await self._move(
-            approval.id,
-            _APPROVED,
-            "pending",
-            actor="gateway",
-            channel="gateway",
-            event="tool_changed",
-            tool_json=definition_json,
-            tool_sha256=sha,
-            note=note,
-            decided_at=None,
-            decided_by=None,
-            decided_via=None,
-        )
-        if back is not None:
-            log.warning("approval %s back to pending: %s", approval.id, note)
-
     # ---- final states ----------------------------------------------------------------------
 
     async def _finish(
@@ -578,20 +387,6 @@ class ApprovalService:
 
     # ---- expiry and recovery ---------------------------------------------------------------
 
-    async def _recover(self) -> None:
-        """Released calls whose owner stopped mid-call: ended as interrupted, never sent again.
-
-        An owner has stopped when its lease ran out, or — known at once — when it ran on this
-        host and its process is gone (or is this process, started anew).
-        """
-        now = self.clock()
-        for approval in await self.store.interrupted_releases(math.inf):
-            if approval.lease_owner == self.owner:
-                continue  # this process's own call in flight: its call timeout ends it
-            expired = approval.lease_expires_at is None or approval.lease_expires_at <= now
-            if expired or _owner_gone(approval.lease_owner, self.owner):
-                await self._finish(approval, "released", "failed", reason="interrupted")
-
     async def expire_due(self) -> None:
         """One pass of what the expiry task does: expire what is due, end releases whose owner
         stopped, drop kept results past their time."""
@@ -629,30 +424,6 @@ class ApprovalService:
         for approval in await self.store.due_for_expiry(now):
             await self._finish(approval, approval.status, "expired", reason="no decision before the timeout")
         await self.store.drop_expired_results(now)
-
-
-# The owners of the services running in this process: a lease of this pid whose owner is not
-# among them is an earlier start's (a container's pid 1 restarted), so that owner is gone.
-_LIVE_OWNERS: set[str] = set()
-
-
-def _owner_gone(owner: str | None, me: str) -> bool:
-    """Whether a lease's owner is a process of this host that no longer runs (or an earlier
-    start of this one). An owner on another host is never judged gone: only its lease says so."""
-    host, _, rest = (owner or "").partition(":")
-    pid_text, _, _ = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit() or owner == me:
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return owner not in _LIVE_OWNERS  # this pid: gone unless a service of this process runs
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # it runs, as another user
-    return False
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
