@@ -80,6 +80,28 @@ async def test_v1_database_migrates_to_the_latest_schema_keeping_its_counters(tm
         await store.close()
 
 
+async def test_v5_database_gains_the_inbox_tables_which_outlive_a_reopen(tmp_path: pathlib.Path) -> None:
+    """v6 adds used login links and ended sessions to a v5 file; a used link stays used after a reopen."""
+    path = tmp_path / "approvals.db"
+    with sqlite3.connect(path) as conn:
+        for script in MIGRATIONS[:5]:
+            for statement in split_statements(script):
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version=5")
+    first = await SqliteStore.open(path)
+    assert await first.schema_version() == len(MIGRATIONS) == 6
+    assert await first.use_login_link("nonce-1", 100.0)
+    await first.end_inbox_session("session-1", 200.0)
+    await first.close()
+    second = await SqliteStore.open(path)
+    try:
+        assert not await second.use_login_link("nonce-1", 100.0)
+        assert await second.login_link_used("nonce-1")
+        assert await second.ended_inbox_sessions(0.0) == {"session-1": 200.0}
+    finally:
+        await second.close()
+
+
 async def test_sqlite_older_than_the_minimum_is_refused(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -52,6 +52,8 @@ class MemoryStore:
         self._audit: list[AuditEvent] = []
         self._seq = 0  # the last audit seq handed out; never reused
         self._refs: dict[tuple[str, str], str] = {}
+        self._used_links: dict[str, float] = {}  # login link nonce → the link's expiry
+        self._ended_sessions: dict[str, float] = {}  # inbox session id → its latest possible expiry
 
     async def close(self) -> None:
         """Nothing to flush; the data stays, for a store opened again over the same object."""
@@ -262,6 +264,41 @@ class MemoryStore:
         """The ref ``channel`` saved for the approval, or None."""
         await _round_trip()
         return self._refs.get((approval_id, channel))
+
+    # ---- the inbox's shared state (approvals.web.inbox_state.InboxStateStore) -----------------
+
+    async def use_login_link(self, nonce: str, expires_at: float) -> bool:
+        """Record the login link as used; False when it was already (insert if absent)."""
+        await _round_trip()
+        if nonce in self._used_links:
+            return False
+        self._used_links[nonce] = expires_at
+        return True
+
+    async def login_link_used(self, nonce: str) -> bool:
+        """Whether the login link was used."""
+        await _round_trip()
+        return nonce in self._used_links
+
+    async def end_inbox_session(self, session_id: str, expires_at: float) -> None:
+        """Record the session as ended until ``expires_at`` (the later expiry wins)."""
+        await _round_trip()
+        self._ended_sessions[session_id] = max(expires_at, self._ended_sessions.get(session_id, expires_at))
+
+    async def ended_inbox_sessions(self, now: float) -> dict[str, float]:
+        """Ended sessions whose record expires after ``now``."""
+        await _round_trip()
+        return {sid: exp for sid, exp in self._ended_sessions.items() if exp > now}
+
+    async def prune_inbox_state(self, before: float) -> int:
+        """Delete used links and ended sessions that expired before ``before``; how many."""
+        await _round_trip()
+        pruned = 0
+        for rows in (self._used_links, self._ended_sessions):
+            for key in [key for key, exp in rows.items() if exp < before]:
+                del rows[key]
+                pruned += 1
+        return pruned
 
     # ---- the bodies shared by several methods (never awaiting) --------------------------------
 

@@ -123,7 +123,7 @@ _REUSABLE = (
 )
 
 
-class PostgresStore:
+class PostgresStore(postgres_inbox.PostgresInboxMethods):
     """The whole store (`approvals.core.ports.Store`) on a PostgreSQL pool."""
 
     def __init__(self, pool: asyncpg.Pool, url: str, clock: Callable[[], float] = time.time) -> None:

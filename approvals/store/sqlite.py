@@ -64,12 +64,26 @@ CREATE TABLE counters (
 CREATE INDEX counters_window_start ON counters (window_start);
 """
 
+# The inbox's used one-time login links and sessions logged out early (approvals.web.inbox_state):
+# kept in the file, so a restart neither makes a used link good again nor a logged-out cookie.
+_V6_INBOX = """
+CREATE TABLE used_login_links (
+    nonce      TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+) STRICT, WITHOUT ROWID;
+CREATE TABLE ended_inbox_sessions (
+    session_id TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+) STRICT, WITHOUT ROWID;
+"""
+
 MIGRATIONS: list[str] = [
     _V1_COUNTERS,
     q.APPROVALS_SCHEMA,
     q.MESSAGE_REFS_SCHEMA,
     q.PENDING_INDEXES_SCHEMA,
     q.LEASES_SCHEMA,
+    _V6_INBOX,
 ]
 T = TypeVar("T")
 
@@ -347,6 +361,63 @@ class SqliteStore:
     async def message_ref(self, approval_id: str, channel: str) -> str | None:
         """The ref ``channel`` saved for the approval, or None."""
         return await self._read("read a message ref", lambda conn: q.message_ref(conn, approval_id, channel))
+
+    async def use_login_link(self, nonce: str, expires_at: float) -> bool:
+        """Record the login link as used, durably; False when it was already."""
+
+        def use(conn: sqlite3.Connection) -> bool:
+            inserted = conn.execute(
+                "INSERT INTO used_login_links (nonce, expires_at) VALUES (?, ?)"
+                " ON CONFLICT (nonce) DO NOTHING",
+                (nonce, expires_at),
+            )
+            return inserted.rowcount == 1
+
+        # Durable: a power cut must not make a used link good again.
+        return await self._write("use a login link", use, durable=True)
+
+    async def login_link_used(self, nonce: str) -> bool:
+        """Whether the login link was used."""
+        return await self._read(
+            "look up a login link",
+            lambda conn: (
+                conn.execute("SELECT 1 FROM used_login_links WHERE nonce = ?", (nonce,)).fetchone()
+                is not None
+            ),
+        )
+
+    async def end_inbox_session(self, session_id: str, expires_at: float) -> None:
+        """Record the session as ended until ``expires_at`` (the later expiry wins), durably."""
+
+        def end(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO ended_inbox_sessions (session_id, expires_at) VALUES (?, ?)"
+                " ON CONFLICT (session_id) DO UPDATE SET expires_at = max(expires_at, excluded.expires_at)",
+                (session_id, expires_at),
+            )
+
+        await self._write("end an inbox session", end, durable=True)
+
+    async def ended_inbox_sessions(self, now: float) -> dict[str, float]:
+        """Ended sessions whose record expires after ``now``."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, float]:
+            rows = conn.execute(
+                "SELECT session_id, expires_at FROM ended_inbox_sessions WHERE expires_at > ?", (now,)
+            )
+            return {str(sid): float(exp) for sid, exp in rows}
+
+        return await self._read("read ended inbox sessions", read)
+
+    async def prune_inbox_state(self, before: float) -> int:
+        """Delete used links and ended sessions that expired before ``before``; how many."""
+
+        def prune(conn: sqlite3.Connection) -> int:
+            links = conn.execute("DELETE FROM used_login_links WHERE expires_at < ?", (before,)).rowcount
+            ended = conn.execute("DELETE FROM ended_inbox_sessions WHERE expires_at < ?", (before,)).rowcount
+            return int(links) + int(ended)
+
+        return await self._write("prune the inbox's state", prune)
 
     async def changes_after(
         self, seq: int, data_version: int | None

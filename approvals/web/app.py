@@ -45,6 +45,16 @@ async def create_app(
         settings, clock=clock, watch_interval=watch_interval, poll_interval=poll_interval
     )
     try:
+        inbox_auth = await inbox.open_auth(settings, runtime.store, clock)
+    except BaseException:
+        await runtime.close()
+        raise
+
+    async def close_parts() -> None:
+        await inbox_auth.state.close()
+        await runtime.close()
+
+    try:
         app = _application(settings)
         app[SETTINGS] = settings
         app[GRANTS] = TokenIndex(settings.grants)
@@ -55,13 +65,13 @@ async def create_app(
         affinity.install(app, runtime)
         add_routes(app)
         api.add_routes(app, TokenIndex(settings.reviewers))
-        views: list[Channel] = [inbox.setup(app, settings, runtime.service)]
+        views: list[Channel] = [inbox.setup(app, settings, runtime.service, inbox_auth)]
         notifiers: list[Channel] = []
         if settings.slack is not None:
             notifiers.append(slack.setup(app, settings, runtime.service))
         app.router.add_get("/healthz", healthz)
     except BaseException:
-        await runtime.close()
+        await close_parts()
         raise
     channels = Channels.start(runtime.store, runtime.feed, views, notifiers)
 
@@ -72,7 +82,7 @@ async def create_app(
 
     async def close(_: web.Application) -> None:
         await channels.close()
-        await runtime.close()
+        await close_parts()
 
     app.on_shutdown.append(drain)
     app.on_cleanup.append(close)

@@ -8,14 +8,16 @@
     GET  /inbox/login/link?t=…           a one-time link from `approvals login-link REVIEWER`
     GET  /inbox/static/…                 inbox.css, inbox.js
 
-Modules: inbox_auth (sessions, CSRF, Origin), inbox_login (login, links, logout), inbox_views (pages
-and decisions), inbox_history (history and exports), inbox_format (what is shown, pure), live (the
-live feed channel). Every /inbox response carries a strict Content-Security-Policy (no inline
+Modules: inbox_auth (sessions, CSRF, Origin), inbox_state (what replicas share: used links, ended
+sessions, the key), inbox_login (login, links, logout), inbox_views (pages and decisions),
+inbox_history (history and exports), inbox_format (what is shown, pure), live (the live feed
+channel). Every /inbox response carries a strict Content-Security-Policy (no inline
 script or style) and the other security headers; see inbox_views.security_headers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import jinja2
@@ -27,6 +29,7 @@ from approvals.core.service import ApprovalService
 from approvals.web import inbox_format as fmt
 from approvals.web import inbox_history, inbox_login, inbox_views
 from approvals.web.inbox_auth import InboxAuth
+from approvals.web.inbox_state import InboxState, InboxStateStore, session_secret
 from approvals.web.live import LiveFeed
 
 HERE = Path(__file__).parent
@@ -54,13 +57,23 @@ def templates() -> jinja2.Environment:
     return env
 
 
-def setup(app: web.Application, settings: Settings, service: ApprovalService) -> LiveFeed:
+async def open_auth(settings: Settings, store: object, clock: Callable[[], float]) -> InboxAuth:
+    """The inbox's logins over the gateway's store: its key, and the state every replica shares
+    (kept fresh until `auth.state.close()`). Raises StoreError when the store cannot be read."""
+    if not isinstance(store, InboxStateStore):
+        raise TypeError(f"{type(store).__name__} does not keep the inbox's login links and sessions")
+    secret = await session_secret(settings, store)
+    state = await InboxState.open(store, clock)
+    return InboxAuth(settings.reviewers, secret, settings.inbox.session_hours, state)
+
+
+def setup(app: web.Application, settings: Settings, service: ApprovalService, auth: InboxAuth) -> LiveFeed:
     """Mount /inbox; the inbox's live feed is returned, to be told of every change."""
     feed = LiveFeed()
     app[inbox_views.INBOX] = inbox_views.Inbox(
         settings=settings,
         service=service,
-        auth=InboxAuth(settings.reviewers, settings.inbox.session_secret, settings.inbox.session_hours),
+        auth=auth,
         feed=feed,
         templates=templates(),
         reviewers=TokenIndex(settings.reviewers),

@@ -2,22 +2,24 @@
 
 A session is a cookie the gateway signs (HMAC-SHA256) holding a random session id, the reviewer's
 name, a fingerprint of the reviewer's token, the login time and an idle expiry. Nothing about a
-session is stored server-side except the ids of sessions logged out early, so:
+session is stored server-side except the ids of sessions logged out early, which every replica
+shares through the store (:mod:`approvals.web.inbox_state`), so:
 
-- with `APPROVALS_SESSION_SECRET` set, sessions survive a restart and work on every replica that
-  shares the secret; without it the key is random per process and every session ends on restart;
+- a cookie is good on every replica that has the same key: `APPROVALS_SESSION_SECRET`, or the key
+  replicas sharing a database keep in it; one process without the variable uses a random key, and
+  its sessions end when it does;
 - a session ends after `[inbox] session_hours` without a request (each request slides the expiry),
   24 hours after login at the latest (or session_hours, if longer), when the reviewer leaves the
-  config or their token changes, and at logout;
-- logout revokes the session id in this process (and clears the cookie); a copy of the cookie kept
-  elsewhere would be accepted again only by another replica or after a restart, and only until its
-  idle expiry.
+  config or their token changes, and at logout — on every replica (within a second on the others);
+- a one-time login link is used up in the store, so it works once whichever replica sees it, and a
+  restart does not make it good again.
 
 CSRF tokens are synchronizer tokens derived from the session id (HMAC), so every form of every tab
 carries the same token for the life of the session and a new login gets a new one. The login form
 itself is protected by a random pre-login cookie and a token derived from it.
 
-Pure apart from the clock passed in: `now` is an argument everywhere.
+Pure apart from the shared state, whose calls are awaited, and the clock passed in: `now` is an
+argument everywhere.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from aiohttp import web
 from multidict import MultiDict
 
 from approvals.config import Principal
+from approvals.store.memory import MemoryStore
+from approvals.web.inbox_state import InboxState
 
 SESSION_COOKIE = "approvals_session"
 LOGIN_COOKIE = "approvals_login"
@@ -106,13 +110,20 @@ class Session:
 class InboxAuth:
     """Issues and checks session cookies, CSRF tokens and login links for the configured reviewers."""
 
-    def __init__(self, reviewers: Iterable[Principal], secret: str | None, session_hours: float) -> None:
+    def __init__(
+        self,
+        reviewers: Iterable[Principal],
+        secret: str | None,
+        session_hours: float,
+        state: InboxState | None = None,
+    ) -> None:
+        """`state` is what replicas share; without one (minting a link in the CLI, a unit test),
+        logouts and used links are remembered by this object alone."""
         self.signer = Signer(secret)
         self.reviewers = {r.name: r for r in reviewers if r.token_sha256}
         self.idle_seconds = session_hours * 3600.0
         self.absolute_seconds = max(MIN_ABSOLUTE_SECONDS, self.idle_seconds)
-        self._revoked: dict[str, float] = {}  # session id → when its cookie would have expired anyway
-        self._used_links: dict[str, float] = {}  # link nonce → its expiry
+        self.state = state if state is not None else InboxState(MemoryStore())
 
     # ---- sessions --------------------------------------------------------------------------
 
@@ -151,7 +162,7 @@ class InboxAuth:
         reviewer = self.reviewers.get(name)
         if reviewer is None or not hmac.compare_digest(tok, self._token_print(reviewer)):
             return None
-        if now >= expires or now >= issued + self.absolute_seconds or sid in self._revoked:
+        if now >= expires or now >= issued + self.absolute_seconds or self.state.session_ended(sid):
             return None
         return Session(sid, reviewer, float(issued), float(expires), self.signer.mac("csrf", sid))
 
@@ -161,10 +172,13 @@ class InboxAuth:
             return None
         return self._issue(session.sid, session.reviewer, issued_at=session.issued_at, now=now)[1]
 
-    def revoke(self, session: Session, now: float) -> None:
-        """Log out: this session id is refused from now on (remembered until it would have expired)."""
-        self._revoked = {sid: exp for sid, exp in self._revoked.items() if exp > now}
-        self._revoked[session.sid] = session.expires_at
+    async def revoke(self, session: Session) -> None:
+        """Log out: this session id is refused from now on, on every replica.
+
+        Remembered until the latest moment any cookie of the session could expire (a copy slid by
+        a later request than the one logging out included), not only this cookie's expiry.
+        """
+        await self.state.end_session(session.sid, session.issued_at + self.absolute_seconds)
 
     @staticmethod
     def csrf_ok(session: Session, token: str | None) -> bool:
@@ -210,24 +224,27 @@ class InboxAuth:
         reviewer = self.reviewers.get(name)
         if reviewer is None or not hmac.compare_digest(tok, self._token_print(reviewer)):
             return None
-        if not isinstance(expires, int | float) or now >= expires or nonce in self._used_links:
+        if not isinstance(expires, int | float) or now >= expires:
             return None
         return reviewer, nonce, float(expires)
 
-    def link_reviewer(self, token: str | None, now: float) -> Principal | None:
+    async def link_reviewer(self, token: str | None, now: float) -> Principal | None:
         """The reviewer a login link is for, while it is valid and unused (does not use it up)."""
         found = self._link(token, now)
-        return found[0] if found is not None else None
+        if found is None or await self.state.login_link_used(found[1]):
+            return None
+        return found[0]
 
-    def use_link(self, token: str | None, now: float) -> Principal | None:
-        """Redeem a login link: its reviewer, once; None when invalid, expired or already used."""
+    async def use_link(self, token: str | None, now: float) -> Principal | None:
+        """Redeem a login link: its reviewer, once on any replica; None when invalid, expired or used.
+
+        The signature is checked first, so only links this gateway made ever reach the store.
+        """
         found = self._link(token, now)
         if found is None:
             return None
         reviewer, nonce, expires = found
-        self._used_links = {n: exp for n, exp in self._used_links.items() if exp > now}
-        self._used_links[nonce] = expires
-        return reviewer
+        return reviewer if await self.state.use_login_link(nonce, expires) else None
 
 
 # ---- the request's side ------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Login and link forms carry a CSRF token tied to a pre-login cookie (so a hostile site cannot log a
 reviewer in under its own account), and their Origin must be the gateway's. A login always starts
-a new session; logout revokes it and clears the cookie.
+a new session; logout ends it on every replica and clears the cookie.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ async def login(request: web.Request) -> web.StreamResponse:
         request.cookies.get(auth.LOGIN_COOKIE), csrf if isinstance(csrf, str) else None, now
     ):
         return _login_form(request, inbox, target, 403, "The login form expired. Please try again.")
+    if (unavailable := _sessions_unknown(request, inbox)) is not None:
+        return unavailable
     token = text_field(form, "token")
     reviewer = inbox.reviewers.find(token)
     if reviewer is None:
@@ -71,16 +73,29 @@ async def login(request: web.Request) -> web.StreamResponse:
                 request, inbox, target, 403, "That token belongs to an agent (a grant), not a reviewer."
             )
         return _login_form(request, inbox, target, 401, "Unknown token. Use your reviewer token.")
-    return _logged_in(request, inbox, reviewer, target)
+    return await _logged_in(request, inbox, reviewer, target)
 
 
-def _logged_in(
+def _sessions_unknown(request: web.Request, inbox: Inbox) -> web.Response | None:
+    """A 503 while logouts on other replicas cannot be known (every session is refused meanwhile,
+    so a new cookie would only lead back here); None when logging in can go on."""
+    if inbox.auth.state.fresh:
+        return None
+    return inbox.error(
+        request,
+        503,
+        "Inbox unavailable",
+        "The inbox cannot reach its database to check sessions. Try again in a moment.",
+    )
+
+
+async def _logged_in(
     request: web.Request, inbox: Inbox, reviewer: Principal, target: str | None
 ) -> web.StreamResponse:
     now = inbox.now()
     # A login always starts a new session (a new id and CSRF token); the one before it ends.
     if (old := inbox.auth.session(request.cookies.get(auth.SESSION_COOKIE), now)) is not None:
-        inbox.auth.revoke(old, now)
+        await inbox.auth.revoke(old)
     session, cookie = inbox.auth.new_session(reviewer, now)
     log.info("inbox: %s logged in", reviewer.name)
     response = redirect(safe_next(target))
@@ -95,7 +110,7 @@ async def link_page(request: web.Request) -> web.Response:
     """A one-time login link lands on a confirmation page (link previews must not use it up)."""
     inbox = request.app[INBOX]
     token = request.query.get("t")
-    reviewer = inbox.auth.link_reviewer(token, inbox.now())
+    reviewer = await inbox.auth.link_reviewer(token, inbox.now())
     if reviewer is None:
         return inbox.error(
             request,
@@ -122,14 +137,16 @@ async def link_login(request: web.Request) -> web.StreamResponse:
         request.cookies.get(auth.LOGIN_COOKIE), csrf if isinstance(csrf, str) else None, now
     ):
         return inbox.error(request, 403, "Refused", "The form expired. Open the link again.")
-    reviewer = inbox.auth.use_link(text_field(form, "link"), now)
+    if (unavailable := _sessions_unknown(request, inbox)) is not None:
+        return unavailable  # before the link is used up: it still works once the inbox is back
+    reviewer = await inbox.auth.use_link(text_field(form, "link"), now)
     if reviewer is None:
         return inbox.error(request, 403, "Link not valid", "This login link has expired or was already used.")
-    return _logged_in(request, inbox, reviewer, "/inbox")
+    return await _logged_in(request, inbox, reviewer, "/inbox")
 
 
 async def _logout(request: web.Request, inbox: Inbox, session: Session, form: Form) -> web.StreamResponse:
-    inbox.auth.revoke(session, inbox.now())
+    await inbox.auth.revoke(session)
     response = redirect("/inbox/login")
     auth.clear_cookie(response, auth.SESSION_COOKIE, inbox.secure(request))
     return response
