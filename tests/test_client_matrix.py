@@ -53,8 +53,8 @@ NODE_CLIENTS = {
 CLIENTS = (*PYTHON_MODES, *NODE_CLIENTS)
 
 # The cases that work today, asserted for both upstreams; everything else is only recorded in the
-# artifact. Not yet: the v2 client's task in the 2026-07-28 era (the gateway's server/discover does
-# not advertise the io.modelcontextprotocol/tasks extension, so ext-tasks finds no task support).
+# artifact. Every TypeScript client gets its task: at 2025-11-25 through the `tasks` capability, at
+# 2026-07-28 through the io.modelcontextprotocol/tasks extension (ext-tasks with rawDispatch).
 CALLS = frozenset({"list", "allowed", "approved", "denied"})
 EXPECTED_OK: dict[str, frozenset[str]] = {
     "mcp-auto": CALLS,
@@ -62,8 +62,8 @@ EXPECTED_OK: dict[str, frozenset[str]] = {
     "mcp-2026-07-28": CALLS,
     "ts-v1": CALLS | {"task"},
     "ts-v2-legacy": CALLS | {"task"},
-    "ts-v2-auto": CALLS,
-    "ts-v2-2026-07-28": CALLS,
+    "ts-v2-auto": CALLS | {"task"},
+    "ts-v2-2026-07-28": CALLS | {"task"},
 }
 # The revision each client ends up speaking through the gateway: auto mode must not downgrade.
 EXPECTED_VERSION = {

@@ -243,19 +243,24 @@ def test_upstream_error_makes_a_failed_task() -> None:
 
 
 @asynccontextmanager
-async def node_client(held: Held) -> AsyncIterator[asyncio.subprocess.Process]:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed")
-    process = await asyncio.create_subprocess_exec(
-        node, str(NODE_CLIENT), held.url(), TOKEN_A, stdout=asyncio.subprocess.PIPE
-    )
+async def node_process(*argv: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A Node client script running with its stdout piped (one JSON line per step), killed at the end."""
+    process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     try:
         yield process
     finally:
         if process.returncode is None:
             process.kill()
         await process.wait()
+
+
+@asynccontextmanager
+async def node_client(held: Held) -> AsyncIterator[asyncio.subprocess.Process]:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    async with node_process(node, str(NODE_CLIENT), held.url(), TOKEN_A) as process:
+        yield process
 
 
 async def next_line(process: asyncio.subprocess.Process) -> dict[str, Any]:

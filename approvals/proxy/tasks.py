@@ -13,6 +13,9 @@ the reviewer takes, no request meets the client's timeout. The task's state is t
 are answered here; a task id that is not one (the upstream's own tasks, or another grant's
 approval) goes to the upstream, which answers for its own tasks — another grant's approval is never
 shown. A decision reaches the session as `notifications/tasks/status` on its stream.
+
+The task an approval is (`task_base`, `kept_ms`) and the taskId check are shared with
+`tasks_modern.py`, which serves the same tasks to 2026-07-28 clients.
 """
 
 from __future__ import annotations
@@ -46,11 +49,18 @@ from approvals.web.keys import SERVICE
 
 __all__ = [
     "METHODS",
+    "POLL_INTERVAL_MS",
+    "RELATED_TASK",
     "advertise",
+    "as_object",
+    "bad_task_id",
     "create",
     "handle",
+    "kept_ms",
     "mark_tools",
     "not_ours",
+    "task_base",
+    "task_of",
     "task_problem",
     "wants_task",
 ]
@@ -87,18 +97,22 @@ def task_problem(params: JsonObject) -> str | None:
     return None
 
 
+def bad_task_id(method: str | None, params: JsonObject) -> str | None:
+    """What is wrong with the `taskId` of a tasks/* request (both eras), or None."""
+    task_id = params.get("taskId")
+    if not isinstance(task_id, str) or not task_id:
+        return f'{method} needs "taskId", a non-empty string'
+    if len(task_id) > MAX_TASK_ID_CHARS:
+        return f'"taskId" is longer than {MAX_TASK_ID_CHARS} characters'
+    return None
+
+
 def _task_id(message: Message) -> str | JsonObject:
     """The `taskId` of a tasks/* request, or the error response saying what is wrong with it."""
-    task_id = message.params.get("taskId")
     assert message.id is not None
-    if not isinstance(task_id, str) or not task_id:
-        return error_response(
-            message.id, INVALID_PARAMS, f'{message.method} needs "taskId", a non-empty string'
-        )
-    if len(task_id) > MAX_TASK_ID_CHARS:
-        return error_response(
-            message.id, INVALID_PARAMS, f'"taskId" is longer than {MAX_TASK_ID_CHARS} characters'
-        )
+    if (problem := bad_task_id(message.method, message.params)) is not None:
+        return error_response(message.id, INVALID_PARAMS, problem)
+    task_id: str = message.params["taskId"]
     return task_id
 
 
@@ -135,21 +149,28 @@ def _message(approval: Approval, now: float) -> str:
     return render.decision_text(approval) + (f"; {done}" if done else "")
 
 
-def task_of(approval: Approval, now: float) -> JsonObject:
-    """The MCP Task that `approval` is, as `tasks/get` returns it."""
+def task_base(approval: Approval, now: float) -> JsonObject:
+    """The fields of the task `approval` is that both eras name alike (2026-07-28 renames the rest)."""
     updated = max(
         t for t in (approval.created_at, approval.decided_at, approval.released_at, approval.finished_at) if t
     )
-    kept_for = approval.expires_at - approval.created_at + KEEP_RESULT_SECONDS
     return {
         "taskId": approval.id,
         "status": _status(approval),
         "statusMessage": _message(approval, now),
         "createdAt": _iso(approval.created_at),
         "lastUpdatedAt": _iso(updated),
-        "ttl": int(kept_for * 1000),
-        "pollInterval": POLL_INTERVAL_MS,
     }
+
+
+def kept_ms(approval: Approval) -> int:
+    """How long the task is kept from its creation, in ms: until its deadline, then its result's time."""
+    return int((approval.expires_at - approval.created_at + KEEP_RESULT_SECONDS) * 1000)
+
+
+def task_of(approval: Approval, now: float) -> JsonObject:
+    """The MCP Task that `approval` is, as 2025-11-25's `tasks/get` returns it."""
+    return {**task_base(approval, now), "ttl": kept_ms(approval), "pollInterval": POLL_INTERVAL_MS}
 
 
 # ---- initialize and tools/list ----------------------------------------------------------------
@@ -161,9 +182,9 @@ def advertise(answer: JsonObject) -> JsonObject:
     capabilities = result.get("capabilities") if isinstance(result, dict) else None
     if not isinstance(result, dict) or not isinstance(capabilities, dict):
         return answer
-    theirs = _object(capabilities.get("tasks"))
-    requests = _object(theirs.get("requests"))
-    tools = _object(requests.get("tools"))
+    theirs = as_object(capabilities.get("tasks"))
+    requests = as_object(theirs.get("requests"))
+    tools = as_object(requests.get("tools"))
     tasks = {
         **theirs,
         "list": {},
@@ -173,7 +194,8 @@ def advertise(answer: JsonObject) -> JsonObject:
     return {**answer, "result": {**result, "capabilities": {**capabilities, "tasks": tasks}}}
 
 
-def _object(value: object) -> JsonObject:
+def as_object(value: object) -> JsonObject:
+    """`value` if it is a JSON object, else an empty one (for reading optional nested fields)."""
     return value if isinstance(value, dict) else {}
 
 
@@ -367,7 +389,7 @@ def _related(response: JsonObject, task_id: str) -> JsonObject:
     result = response.get("result")
     if not isinstance(result, dict):
         return response
-    meta = _object(result.get("_meta"))
+    meta = as_object(result.get("_meta"))
     return {**response, "result": {**result, "_meta": {**meta, RELATED_TASK: {"taskId": task_id}}}}
 
 

@@ -7,11 +7,8 @@
 // plus {connected: era} and {event: "past-timeout"} once the task call has outlived the client's
 // own request timeout.
 import { Client, StreamableHTTPClientTransport } from "@modelcontextprotocol/client";
-import {
-  createTaskSessionFromClient,
-  resultFromTaskOutcome,
-  toolDeclarationFromMcpTool,
-} from "@modelcontextprotocol/ext-tasks/client";
+import { resultFromTaskOutcome, toolDeclarationFromMcpTool } from "@modelcontextprotocol/ext-tasks/client";
+import { taskSession } from "./tasks_v2_port.mjs";
 
 const [url, token, specJson] = process.argv.slice(2);
 const spec = JSON.parse(specJson);
@@ -46,9 +43,10 @@ await run("denied", () => client.callTool({ name: spec.held, arguments: spec.arg
 await run("task", async () => {
   const began = Date.now();
   const timer = setTimeout(() => say({ event: "past-timeout" }), spec.timeoutMs + 500);
-  // ext-tasks calls a 2025-11-25 tool as a task only given its declaration (its execution.taskSupport).
+  // ext-tasks calls a 2025-11-25 tool as a task only given its declaration (its execution.taskSupport);
+  // at 2026-07-28 the server decides, for any tools/call that declares the extension.
   const tool = (await client.listTools()).tools.find((t) => t.name === spec.held);
-  const session = createTaskSessionFromClient(client, { endpointId: "matrix" });
+  const session = taskSession(client, url, token, { name: "matrix-client-v2", version: "1.0.0" });
   try {
     const execution = await session.callTool(spec.held, spec.args.task, {
       declaration: tool === undefined ? undefined : toolDeclarationFromMcpTool(tool),
