@@ -10,6 +10,11 @@ within one process it is exact and all-or-nothing however many tasks call it at 
 in a dict; keys changed since the last flush are written to the store as absolute values every
 ``flush_interval`` seconds (and on close), so a restart loses at most that much counting.
 Windows that have ended are dropped from memory at flush time, and from the store once a day old.
+
+This is the counter of one process (SQLite, or the in-memory store). Several replicas on PostgreSQL
+share one exact count instead: :class:`approvals.shared_limits.SharedRateLimiter`, which plans a
+call with the same :func:`plan` and refuses with the same :func:`full_refusal` and
+:func:`never_refusal`.
 """
 
 from __future__ import annotations
@@ -35,12 +40,26 @@ from approvals.policy import (
     window_text,
 )
 
-__all__ = ["LimitRefusal", "RateLimiter", "Reservation", "scope_key", "window_start"]
+__all__ = [
+    "LimitRefusal",
+    "Planned",
+    "RateLimiter",
+    "Reservation",
+    "full_refusal",
+    "never_refusal",
+    "plan",
+    "scope_key",
+    "uncounted_refusal",
+    "window_start",
+]
 
 logger = logging.getLogger(__name__)
 
 _Key = tuple[str, str, int]  # (counter, scope_key, window_start)
-_Planned = tuple[_Key, float | None, int, Limit]  # (key, amount or None if unusable, window end, limit)
+Planned = tuple[_Key, float | None, int, Limit]  # (key, amount or None if unusable, window end, limit)
+
+# How long an agent is told to wait when a shared count could not be reached.
+UNCOUNTED_RETRY_SECONDS = 5.0
 
 # No window is longer than MAX_WINDOW_SECONDS (policy.py refuses longer ones); rows older than
 # it are of no use to anyone.
@@ -54,12 +73,15 @@ class LimitRefusal:
     """A call refused by ``limit``; waiting ``retry_after`` seconds may let it through.
 
     ``retry_after`` is ``math.inf`` when waiting cannot help: the call's own amount is invalid or
-    larger than the limit's ``max``.
+    larger than the limit's ``max``. ``code`` tells the agent which: ``rate_limited`` (the limit is
+    reached), or ``limit_uncounted`` (the shared count could not be reached, so the call was refused
+    rather than let through uncounted).
     """
 
     limit: Limit
     retry_after: float
     message: str
+    code: str = "rate_limited"
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +186,7 @@ class RateLimiter:
         """
         if not limits:
             return _EMPTY
-        planned = [_plan(limit, grant, session, arguments, now) for limit in limits]
+        planned = [plan(limit, grant, session, arguments, now) for limit in limits]
         refusal = self._check(planned, now)
         if refusal is not None:
             return refusal
@@ -183,19 +205,19 @@ class RateLimiter:
             entries.append((*key, amount))
         return Reservation(tuple(entries))
 
-    def _check(self, planned: list[_Planned], now: float) -> LimitRefusal | None:
+    def _check(self, planned: list[Planned], now: float) -> LimitRefusal | None:
         """The refusal for this call, or None when it fits under every limit."""
         counts = self._counts
         refusal: LimitRefusal | None = None
         for key, amount, end, limit in planned:
             if amount is None or amount > limit.max:
-                found: LimitRefusal | None = _never(limit, amount)
+                found: LimitRefusal | None = never_refusal(limit, amount)
             else:
                 # Every limit on a key must hold for the call's total on that key: two limits of
                 # one call can name the same counter, even with different maxima.
                 added = amount if len(planned) == 1 else _added(planned, key)
                 over = counts.get(key, 0.0) + added > limit.max
-                found = _full(limit, end - now) if over else None
+                found = full_refusal(limit, end - now) if over else None
             if found is not None and (refusal is None or found.retry_after > refusal.retry_after):
                 refusal = found
         return refusal
@@ -258,7 +280,7 @@ class RateLimiter:
                 logger.exception("writing rate-limit counters to the store failed")
 
 
-def _plan(limit: Limit, grant: str, session: str, arguments: Mapping[str, object], now: float) -> _Planned:
+def plan(limit: Limit, grant: str, session: str, arguments: Mapping[str, object], now: float) -> Planned:
     """Where and how much ``limit`` would count this call (amount None: unusable)."""
     window = limit.window
     size = window if isinstance(window, int) else WINDOW_SECONDS[window]
@@ -270,7 +292,7 @@ def _plan(limit: Limit, grant: str, session: str, arguments: Mapping[str, object
     return (limit.counter, key_scope, start), amount, start + size, limit
 
 
-def _added(planned: list[_Planned], key: _Key) -> float:
+def _added(planned: list[Planned], key: _Key) -> float:
     """What this call adds to ``key`` over all its limits."""
     total = 0.0
     for other, amount, _, _ in planned:
@@ -290,7 +312,7 @@ def _amount(limit: Limit, arguments: Mapping[str, object]) -> float | None:
     return float(value) if 0 <= value <= MAX_COUNT else None
 
 
-def _full(limit: Limit, retry_after: float) -> LimitRefusal:
+def full_refusal(limit: Limit, retry_after: float) -> LimitRefusal:
     seconds = max(1, math.ceil(retry_after))
     message = (
         f"Rate limit {limit.counter} reached: {limit.max:g} per {window_text(limit.window)} "
@@ -299,7 +321,7 @@ def _full(limit: Limit, retry_after: float) -> LimitRefusal:
     return LimitRefusal(limit, retry_after, message)
 
 
-def _never(limit: Limit, amount: float | None) -> LimitRefusal:
+def never_refusal(limit: Limit, amount: float | None) -> LimitRefusal:
     """A refusal that waiting cannot fix: the amount itself is unusable or over ``max``."""
     path = limit.increment_from
     if amount is None:
@@ -314,3 +336,13 @@ def _never(limit: Limit, amount: float | None) -> LimitRefusal:
             f"({limit.max:g} {_SCOPE_WORDS[limit.scope]})"
         )
     return LimitRefusal(limit, math.inf, message)
+
+
+def uncounted_refusal(limit: Limit) -> LimitRefusal:
+    """A refusal because the shared count of ``limit`` could not be reached: failing closed."""
+    seconds = math.ceil(UNCOUNTED_RETRY_SECONDS)
+    message = (
+        f"Rate limit {limit.counter} could not be counted: the database the gateway's replicas share "
+        f"did not answer, so the call was not made. Retry in {seconds} s."
+    )
+    return LimitRefusal(limit, UNCOUNTED_RETRY_SECONDS, message, code="limit_uncounted")

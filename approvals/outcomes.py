@@ -32,7 +32,7 @@ def limit_refusal(refusal: LimitRefusal, decision: Decision) -> JsonObject:
     """The answer to a call over a rate limit; `retry_after` is null when waiting cannot help."""
     retry = None if math.isinf(refusal.retry_after) else math.ceil(refusal.retry_after)
     meta = {
-        "code": "rate_limited",
+        "code": refusal.code,
         "rule": decision.rule,
         "counter": refusal.limit.counter,
         "retry_after": retry,

@@ -2,7 +2,8 @@
 
     Runtime.open(settings) ─▶ policies (ConfigError before anything starts)
                             ─▶ store ─▶ change feed ─▶ gateway (upstream sessions, the UpstreamCaller)
-                            ─▶ rate limits ─▶ tool catalog ─▶ approval service ─▶ gate
+                            ─▶ rate limits (in process; on PostgreSQL shared by every replica)
+                            ─▶ tool catalog ─▶ approval service ─▶ gate
     Runtime.close()        ─▶ the same, in reverse
 
 Nothing here is ever None: every part exists once `open` returns, and the web side and channels
@@ -24,13 +25,15 @@ from approvals.limits import RateLimiter
 from approvals.policy import Limit
 from approvals.policy_files import WATCH_INTERVAL_SECONDS, PolicyBook
 from approvals.proxy.gateway import Gateway
+from approvals.shared_limits import SharedRateLimiter
 from approvals.store.postgres import PostgresStore
 from approvals.store.postgres_feed import PostgresFeed
+from approvals.store.postgres_quota import PostgresQuota
 from approvals.store.sqlite import SqliteStore
 from approvals.store.sqlite_feed import POLL_SECONDS, SqliteFeed
 from approvals.tool_catalog import ToolCatalog
 
-__all__ = ["Runtime", "open_store"]
+__all__ = ["Runtime", "open_limiter", "open_store"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +45,7 @@ class Runtime:
     store: Store
     feed: SharedFeed
     gateway: Gateway
-    limiter: RateLimiter
+    limiter: RateLimiter | SharedRateLimiter
     catalog: ToolCatalog
     service: ApprovalService
     gatekeeper: Gatekeeper
@@ -61,7 +64,7 @@ class Runtime:
         store, feed = await open_store(settings, poll_interval)
         gateway = Gateway(settings)
         await gateway.start()
-        limiter = RateLimiter(store, clock=clock)
+        limiter = open_limiter(store, clock)
         await limiter.start()
         catalog = ToolCatalog(gateway)
 
@@ -107,3 +110,11 @@ async def open_store(settings: Settings, poll_interval: float = POLL_SECONDS) ->
             raise
     sqlite = await SqliteStore.open(settings.store.path)
     return sqlite, await SqliteFeed.open(sqlite, poll_interval)
+
+
+def open_limiter(store: Store, clock: Callable[[], float] = time.time) -> RateLimiter | SharedRateLimiter:
+    """Rate limits counted in the shared database when it is PostgreSQL (several replicas, one
+    count: exact over all of them); else in this process, written behind to the store."""
+    if isinstance(store, PostgresStore):
+        return SharedRateLimiter(PostgresQuota(store.pool), clock=clock)
+    return RateLimiter(store, clock=clock)

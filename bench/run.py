@@ -16,6 +16,11 @@ reused upstream client (bench/fastmcp_proxy.py) and `mcp-proxy` chained streamab
 3. held calls: K calls held at once (memory per held call), one bulk approval through the API as
    fast as it answers, and the time until the upstream has received all K.
 
+With `--store-url postgresql://…` a second gateway on PostgreSQL (a database of the run's own on
+that server, created and dropped by the run) joins the allowed-call rounds as `approvals-postgres`,
+beside the one on SQLite: every call of the bench's policy is counted against a rate limit, so
+this measures what shared, exact limits cost one replica.
+
 It prints a table and the goals of the benchmark issue, and keeps results.json, the table and the
 processes' logs in bench/results/<time>/. `python bench/run.py --help` for the knobs.
 """
@@ -35,12 +40,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
+import asyncpg
 from load import cpu_seconds
 
 BENCH = Path(__file__).resolve().parent
@@ -560,6 +567,14 @@ def goals(results: dict[str, Any]) -> Iterator[tuple[str, bool, str]]:
         if 1 in gw:
             added = gw[1]["p50_ms"] - direct[1]["p50_ms"]
             yield "1 client: ≤ 1 ms added to the median", added <= 1.0, f"+{added:.2f} ms"
+    if "approvals" in summary and "approvals-postgres" in summary:
+        for clients, row in summary["approvals-postgres"].items():
+            ratio = row["calls_per_s"] / summary["approvals"][clients]["calls_per_s"]
+            yield (
+                f"{clients} clients: PostgreSQL ≥ 0.9 x SQLite (a limit on every call)",
+                ratio >= 0.9,
+                f"{ratio:.2f} x SQLite",
+            )
     if held := results.get("held"):
         yield f"{held['calls']:,} held: no errors", held["errors"] == 0, f"{held['errors']} errors"
         kib = held["kib_per_held_call"]
@@ -649,6 +664,12 @@ def arguments() -> argparse.Namespace:
         help="the gateway's client for its POSTs to the upstream ([server] upstream_client; default http1)",
     )
     parser.add_argument(
+        "--store-url",
+        metavar="URL",
+        help="also run a gateway on PostgreSQL (postgresql://… of a server; the run creates and drops "
+        "a database of its own there) in the allowed-call rounds, as approvals-postgres",
+    )
+    parser.add_argument(
         "--ab",
         action="store_true",
         help="also run a gateway with the other upstream client, in the same interleaved rounds",
@@ -676,7 +697,37 @@ def start_gateway(
     return Target(target, f"http://127.0.0.1:{port}/mcp/bench", [process.pid], env["BENCH_AGENT_TOKEN"])
 
 
+@contextlib.asynccontextmanager
+async def fresh_database(server_url: str) -> AsyncIterator[str]:
+    """A database of this run's own on the PostgreSQL server at `server_url`, dropped afterwards."""
+    name = f"approvals_bench_{secrets.token_hex(6)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(server_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    await admin(f"CREATE DATABASE {name}")
+    try:
+        yield urlsplit(server_url)._replace(path=f"/{name}").geturl()
+    finally:
+        await admin(f"DROP DATABASE {name} WITH (FORCE)")
+
+
 async def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+    async with contextlib.AsyncExitStack() as stack:
+        database = None
+        if args.store_url:
+            database = await stack.enter_async_context(fresh_database(args.store_url))
+        try:
+            return await measure(args, procs, database)
+        finally:
+            procs.stop()  # before the database is dropped under the gateway
+
+
+async def measure(args: argparse.Namespace, procs: Processes, database: str | None) -> dict[str, Any]:
     workdir = procs.workdir
     shutil.copy(BENCH / "config" / "policy.json", workdir / "policy.json")
     names = args.only or ["direct", "approvals", "fastmcp", "mcp-proxy"]
@@ -699,6 +750,12 @@ async def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         other = next(c for c in UPSTREAM_CLIENTS if c != args.upstream_client)
         targets["approvals-ab"] = start_gateway(procs, f"approvals-{other}", other, env, f"-{other}")
         names = [*names, "approvals-ab"]
+    if database is not None and "approvals" in names:
+        on_postgres = {**env, "APPROVALS_DATABASE_URL": database}
+        targets["approvals-postgres"] = start_gateway(
+            procs, "approvals-postgres", args.upstream_client, on_postgres, "-postgres"
+        )
+        names = [*names, "approvals-postgres"]
     if "fastmcp" in names:
         venv = ensure_venv("fastmcp", FASTMCP_REQUIREMENT)
         proc = procs.start(
@@ -725,7 +782,7 @@ async def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         proc = procs.start("mcp-proxy", outer)
         wait_port(port)
         targets["mcp-proxy"] = Target("mcp-proxy", f"http://127.0.0.1:{port}/mcp", [proc.pid])
-    order = ["direct", "approvals", "approvals-ab", "fastmcp", "mcp-proxy"]
+    order = ["direct", "approvals", "approvals-ab", "approvals-postgres", "fastmcp", "mcp-proxy"]
     chosen = [targets[n] for n in order if n in names]
 
     results: dict[str, Any] = {

@@ -34,11 +34,13 @@ from approvals.core.model import (
 )
 from approvals.core.ports import CounterRow
 from approvals.errors import StoreError
-from approvals.store import postgres_inbox, postgres_replicas
+from approvals.store import postgres_inbox, postgres_quota, postgres_replicas
 
 __all__ = ["CHANNEL", "MIGRATIONS", "PostgresStore"]
 
 CHANNEL = "approvals"  # the NOTIFY channel; payload "id:version:event"
+# A connection the server ended (pg_terminate_backend) can also surface as InternalClientError.
+_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 _MIGRATION_LOCK = 0x61707072  # "appr": the advisory lock replicas migrate under
 
 MIGRATIONS: list[str] = [
@@ -108,6 +110,7 @@ MIGRATIONS: list[str] = [
     """,
     postgres_inbox.MIGRATION,
     postgres_replicas.MIGRATION,
+    postgres_quota.MIGRATION,
 ]
 
 _COLUMN = {name: "grant_name" if name == "grant" else name for name in STORED_FIELDS}
@@ -138,7 +141,7 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         """Connect, and bring the schema to the latest version (once, whichever replica is first)."""
         try:
             pool = await asyncpg.create_pool(url, min_size=1, max_size=max_connections)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _DATABASE_ERRORS as exc:
             raise StoreError(f"cannot connect to the database: {exc}") from exc
         store = cls(pool, url, clock)
         try:
@@ -148,13 +151,20 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
             raise
         return store
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The connection pool, for adapters that share it (the rate limits' shared quota)."""
+        return self._pool
+
     async def close(self) -> None:
         await self._pool.close()
 
     async def empty(self) -> None:
         """Delete every row (tests sharing one database start each from nothing)."""
         async with self._connection("empty the database") as conn:
-            tables = "approvals, audit, message_refs, counters, used_login_links, ended_inbox_sessions"
+            tables = (
+                "approvals, audit, message_refs, counters, used_login_links, ended_inbox_sessions, rate_quota"
+            )
             await conn.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
 
     async def schema_version(self) -> int:
@@ -458,7 +468,7 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
                 yield conn
         except StoreError:
             raise
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _DATABASE_ERRORS as exc:
             raise StoreError(f"cannot {what}: {exc}") from exc
 
 
