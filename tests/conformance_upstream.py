@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import socket
 from typing import Any
@@ -182,6 +183,31 @@ async def test_input_required_result_list_roots(ctx: Context) -> CallToolResult 
     if isinstance(answer, ListRootsResult):
         return _text("Roots: " + ", ".join(str(root.uri) for root in answer.roots))
     return _input_required("client_roots", ListRootsRequest())
+
+
+async def _announce(ctx: Context, publish: str) -> None:
+    """A list change, announced in both eras: to `subscriptions/listen` streams (2026-07-28) and on
+    an initialize-era session's stream (which a 2026-07-28 request has none of)."""
+    await getattr(ctx, publish)()
+    with contextlib.suppress(Exception):
+        session_send = (
+            "send_tool_list_changed" if publish == "notify_tools_changed" else "send_prompt_list_changed"
+        )
+        await getattr(ctx.session, session_send)()
+
+
+@server.tool()
+async def test_trigger_tool_change(ctx: Context) -> str:
+    """Announce that the tool list changed (the suite's listen-stream hook)."""
+    await _announce(ctx, "notify_tools_changed")
+    return "tools changed"
+
+
+@server.tool()
+async def test_trigger_prompt_change(ctx: Context) -> str:
+    """Announce that the prompt list changed (the suite's listen-stream hook)."""
+    await _announce(ctx, "notify_prompts_changed")
+    return "prompts changed"
 
 
 @server.resource("test://static-text", mime_type="text/plain")

@@ -27,9 +27,20 @@ from approvals.jsonrpc import (
     JsonObject,
     error_response,
 )
+from approvals.proxy.bridge import ModernBridge, legacy_result
 from approvals.proxy.http1 import Pool
-from approvals.proxy.pool import UpstreamPool
+from approvals.proxy.modern_upstream import (
+    UpstreamEras,
+    envelope,
+    first_answer,
+    post,
+    routing_headers,
+    with_envelope,
+)
+from approvals.proxy.pool import UpstreamPool, is_stateless_session
+from approvals.proxy.request_state import RequestStates
 from approvals.proxy.session import Session
+from approvals.proxy.subscriptions import Fanouts, ListenLimit
 from approvals.proxy.upstream import connect
 
 log = logging.getLogger(__name__)
@@ -64,6 +75,17 @@ class Gateway:
         self.pool = UpstreamPool(
             self._connect, lambda name: settings.upstreams[name].call_timeout, server.session_idle_seconds
         )
+        # Which protocol eras each upstream speaks (asked once), and what 2026-07-28 needs kept.
+        self.eras = UpstreamEras(settings, lambda: self.http)
+        self.listens = ListenLimit()
+        self.fanouts = Fanouts()  # listen streams served from pooled initialize-era sessions
+        self.states = RequestStates(settings.inbox.session_secret)
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The HTTP client every upstream request shares (after `start`)."""
+        assert self._http is not None, "Gateway.start() was not awaited"
+        return self._http
 
     async def start(self) -> None:
         # One pooled HTTP client for every Streamable HTTP upstream: connections are kept alive
@@ -121,9 +143,20 @@ class Gateway:
             max_backlog_bytes=self.settings.server.max_backlog_bytes,
             clock=self.clock,
         )
-        session.connection = connect(
-            settings, self._http, self._pool, session.on_upstream_message, session.on_upstream_closed
-        )
+        eras = await self.eras.of(upstream)
+        if eras.modern and not eras.legacy:
+            # No initialize era upstream: the session is bridged, request by request (bridge.py).
+            session.connection = ModernBridge(
+                settings,
+                self._http,
+                self.settings.server.max_body_bytes,
+                session.on_upstream_message,
+                lambda: self.eras.forget(upstream),
+            )
+        else:
+            session.connection = connect(
+                settings, self._http, self._pool, session.on_upstream_message, session.on_upstream_closed
+            )
         await session.connection.start()
         return session
 
@@ -133,8 +166,18 @@ class Gateway:
         """The gateway's own request to an upstream, answered with the upstream's JSON-RPC response.
 
         It goes through the client's session while that is open (so what the upstream sends about
-        it reaches that client), else through the gateway's own session with the upstream.
+        it reaches that client), else through the gateway's own session with the upstream. To an
+        upstream of 2026-07-28 it is a 2026 request when the call is a stateless client's (so an
+        InputRequiredResult comes back to that client as such) or the upstream has no other era.
         """
+        eras = await self.eras.of(upstream)
+        stateless_client = prefer_session is not None and is_stateless_session(prefer_session)
+        if eras.modern and (stateless_client or not eras.legacy):
+            answer = await self._modern_call(upstream, method, params)
+            result = answer.get("result")
+            if not stateless_client and isinstance(result, dict):
+                answer = {**answer, "result": legacy_result(result)}
+            return answer
         session = self.sessions.get(prefer_session) if prefer_session else None
         if session is None and prefer_session:  # a stateless client's: the grant's pooled session
             session = self.pool.find(prefer_session, upstream)
@@ -144,6 +187,25 @@ class Gateway:
             except ConnectionError as exc:
                 return error_response(None, UPSTREAM_UNAVAILABLE, f"upstream {upstream} unavailable: {exc}")
         return await _answer(session, method, params)
+
+    async def _modern_call(self, upstream: str, method: str, params: JsonObject) -> JsonObject:
+        """One 2026-07-28 request of the gateway's own (its own client info, no capabilities)."""
+        settings = self.settings.upstreams[upstream]
+        body: JsonObject = {"jsonrpc": "2.0", "id": f"approvals-{secrets.token_hex(6)}", "method": method}
+        body = with_envelope({**body, "params": params}, envelope(GATEWAY_CLIENT, {}))
+        limit = self.settings.server.max_body_bytes
+        try:
+            # Leaving early (the caller's timeout) closes the POST: a 2026 upstream's cancellation.
+            async with post(self.http, settings, body, routing_headers(body), limit) as answer:
+                response = await first_answer(answer, body["id"])
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self.eras.forget(upstream)
+            return error_response(None, UPSTREAM_UNAVAILABLE, f"upstream {upstream} unavailable: {exc}")
+        if response is None:
+            return error_response(
+                None, UPSTREAM_UNAVAILABLE, f"upstream {upstream} answered without a response"
+            )
+        return response
 
     async def _service_session(self, upstream: str) -> Session:
         async with self._service_lock:

@@ -38,6 +38,11 @@ def stateless_session(grant: str) -> str:
     return f"(stateless {grant})"
 
 
+def is_stateless_session(session: str) -> bool:
+    """Whether a session name is one `stateless_session` made (no real session id has parentheses)."""
+    return session.startswith("(stateless ") and session.endswith(")")
+
+
 @dataclass(frozen=True, slots=True)
 class Pooled:
     """An initialized upstream session and what the upstream said about itself when it started."""
@@ -121,7 +126,10 @@ class UpstreamPool:
             await pooled.session.close("the session was idle too long")
 
     def drain(self) -> None:
+        """Shutdown: stateless holds answer at once, listen streams on pooled sessions end."""
         self.draining.set()
+        for pooled in self._sessions.values():
+            pooled.session.drain()
 
     async def close(self) -> None:
         sessions = [pooled.session for pooled in self._sessions.values()]

@@ -26,12 +26,14 @@ from approvals.config import UpstreamSettings
 from approvals.core.model import Hold
 from approvals.jsonrpc import (
     INVALID_PARAMS,
+    METHOD_NOT_FOUND,
     UPSTREAM_UNAVAILABLE,
     JsonObject,
     Message,
     RequestId,
     encode,
     error_response,
+    result_response,
 )
 from approvals.proxy.resume import Replays
 from approvals.proxy.upstream import Upstream
@@ -84,6 +86,9 @@ class Outbox:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     async def get(self) -> JsonObject | None:
         while not self._items:
@@ -428,3 +433,22 @@ class Session:
             self._answer(exchange, error_response(exchange.upstream_id, UPSTREAM_UNAVAILABLE, reason))
         for outbox in self._streams:
             outbox.put_nowait(None)
+
+
+def refuse_upstream_request(session: Session, request: JsonObject) -> None:
+    """Answer a request the upstream sent in a session the gateway keeps for stateless clients: it
+    cannot reach a client (`ping` is answered, anything else refused)."""
+    request_id = request.get("id")
+    if not isinstance(request_id, str | int) or isinstance(request_id, bool):
+        return
+    method = request.get("method")
+    if method == "ping":
+        body: JsonObject = result_response(request_id, {})
+    else:
+        body = error_response(
+            request_id,
+            METHOD_NOT_FOUND,
+            f"{method} cannot reach this client: it speaks MCP 2026-07-28 (stateless) through the"
+            " approvals gateway, which declared no client capabilities to this server",
+        )
+    session.forward(Message("response", body, request_id, None))

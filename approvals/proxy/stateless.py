@@ -1,28 +1,34 @@
-"""MCP 2026-07-28 (stateless) clients in front of initialize-era upstreams.
+"""MCP 2026-07-28 (stateless) clients, in front of upstreams of either era.
 
 A 2026-07-28 request stands alone: no `initialize`, no `Mcp-Session-Id`; every request carries its
 protocol version, client info and capabilities in `params._meta`, and mirrors its method (and the
 tool, prompt or resource it names) in HTTP headers. The gateway checks that envelope as the spec's
-validation ladder has it, answers `server/discover` itself, and serves every other request over an
-upstream session it keeps per (grant, upstream) (`pool.py`). Nothing here depends on state of one
-process beyond that pool: a held call follows its approval through the change feed, so any
-process can serve any request.
+validation ladder has it, then serves the request one of two ways:
 
-What cannot be bridged: requests from the upstream to the client (sampling, elicitation, roots)
-during a stateless request. The gateway opens its upstream sessions declaring no client
-capabilities, so a conforming upstream sends none; one that does anyway is answered with
+- the upstream speaks 2026-07-28 (modern_upstream.py asks it once): the request is passed through
+  as it is (passthrough.py), `tools/call` judged by the gate first; an InputRequiredResult's
+  `requestState` is wrapped in the gateway's signed one (request_state.py), so the client's retry
+  continues the judged call instead of being judged, held or counted again;
+- the upstream speaks only the initialize era: `server/discover` is answered from its
+  `initialize`, and every other request goes over an upstream session the gateway keeps per
+  (grant, upstream) (`pool.py`).
+
+Nothing here depends on state of one process beyond that pool: a held call follows its approval
+through the change feed, and a wrapped `requestState` is checked with a key every replica derives
+from the same secret, so any process can serve any request.
+
+What cannot be bridged to an initialize-era upstream: its requests to the client (sampling,
+elicitation, roots) during a stateless request. The gateway opens those sessions declaring no
+client capabilities, so a conforming upstream sends none; one that does anyway is answered with
 "method not found" (a `ping` with an empty result). They are not turned into `input_required`
 results: the client's retry may reach another process, and the upstream's call would have to
-stay open, waiting, in this one.
+stay open, waiting, in this one. `subscriptions/listen` is passed through to a 2026-07-28
+upstream, and served from the pooled session's list changes for the others (listen_bridge.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import logging
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,16 +55,25 @@ from approvals.jsonrpc import (
     error_response,
     result_response,
 )
-from approvals.proxy import handlers, tasks_modern
+from approvals.proxy import handlers, listen_bridge, passthrough, pooled_serving, tasks_modern
 from approvals.proxy.hold import stream_hold
 from approvals.proxy.keys import GATE, GATEWAY
-from approvals.proxy.pool import Pooled, stateless_session
-from approvals.proxy.session import Exchange, Session, bad_progress_token
-from approvals.proxy.sse import SSE_HEADERS, encode_event
+
+# Re-exported (`as`): tasks_modern.py and affinity.py name these as stateless.*.
+from approvals.proxy.modern_results import PASSTHROUGH, as_modern
+from approvals.proxy.modern_results import complete as complete
+from approvals.proxy.modern_upstream import CLIENT_CAPABILITIES_KEY as CLIENT_CAPABILITIES_KEY
+from approvals.proxy.modern_upstream import CLIENT_INFO_KEY, METHOD_HEADER, NAMED_BY, PROTOCOL_VERSION_KEY
+from approvals.proxy.modern_upstream import MODERN_VERSIONS as MODERN_VERSIONS
+from approvals.proxy.modern_upstream import NAME_HEADER as NAME_HEADER
+from approvals.proxy.modern_upstream import VERSION_HEADER as VERSION_HEADER
+from approvals.proxy.modern_upstream import decode_header_value as decode_header_value
+from approvals.proxy.pool import stateless_session
+from approvals.proxy.request_state import Judged, RequestStates, StateError, with_upstream_state, wrap_answer
+from approvals.proxy.session import Session, bad_progress_token
 
 log = logging.getLogger(__name__)
 
-MODERN_VERSIONS = ("2026-07-28",)
 
 # Error codes of 2026-07-28 (schema: "MCP error codes").
 HEADER_MISMATCH = -32020
@@ -76,40 +91,6 @@ HTTP_STATUS = {
     UNSUPPORTED_PROTOCOL_VERSION: 400,
     METHOD_NOT_FOUND: 404,
 }
-
-PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
-CLIENT_INFO_KEY = "io.modelcontextprotocol/clientInfo"
-CLIENT_CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
-LOG_LEVEL_KEY = "io.modelcontextprotocol/logLevel"
-SERVER_INFO_KEY = "io.modelcontextprotocol/serverInfo"
-# Request `_meta` keys that are the client's envelope to the gateway, not for the upstream.
-ENVELOPE_KEYS = frozenset({PROTOCOL_VERSION_KEY, CLIENT_INFO_KEY, CLIENT_CAPABILITIES_KEY, LOG_LEVEL_KEY})
-
-VERSION_HEADER = "MCP-Protocol-Version"
-METHOD_HEADER = "Mcp-Method"
-NAME_HEADER = "Mcp-Name"
-# The body field each method mirrors in `Mcp-Name`.
-NAMED_BY = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
-
-# Methods served by passing them to the upstream session (tools/call goes through the gate).
-PASSTHROUGH = frozenset(
-    {
-        "tools/list",
-        "prompts/list",
-        "prompts/get",
-        "resources/list",
-        "resources/read",
-        "resources/templates/list",
-        "completion/complete",
-    }
-)
-# Results that carry caching hints in 2026-07-28 (`CacheableResult`: `ttlMs`, `cacheScope`).
-CACHEABLE = PASSTHROUGH - {"prompts/get", "completion/complete"} | {"server/discover"}
-# Capability fields that depend on what is not bridged (subscriptions/listen, logging).
-UNBRIDGED_CAPABILITY_FIELDS = frozenset({"listChanged", "subscribe"})
-BRIDGED_CAPABILITIES = ("tools", "prompts", "resources", "completions")
-
-_BASE64_SENTINEL = re.compile(r"=\?base64\?(?P<payload>.*)\?=")
 
 
 def is_stateless(headers: CIMultiDictProxy[str], message: Message) -> bool:
@@ -187,20 +168,30 @@ async def handle(
             "initialize does not exist in 2026-07-28 (there is no handshake): send server/discover,"
             " or initialize with an initialize-era MCP-Protocol-Version header",
         )
-    if method == "server/discover":
-        return await _discover(request, grant, upstream, message)
     if method in tasks_modern.METHODS:
         return await tasks_modern.handle(request, grant, upstream, message)
+    modern = (await request.app[GATEWAY].eras.of(upstream)).modern
+    if method == "server/discover":
+        if modern:
+            return await _discover_modern(request, upstream, message)
+        return await pooled_serving.discover(request, grant, upstream, message)
     if method == "tools/call":
-        return await _tool_call(request, grant, upstream, message)
+        return await _tool_call(request, grant, upstream, message, modern)
+    if method == passthrough.LISTEN and modern:
+        return await passthrough.listen(request, grant.name, upstream, message.id, message.body)
+    if method == passthrough.LISTEN:
+        return await listen_bridge.listen(request, grant, upstream, message)
     if method in PASSTHROUGH:
         transform = handlers._tool_filter(request.app[GATE], upstream) if method == "tools/list" else None
-        return await _forward(request, grant, upstream, message, message.body, transform)
+        if modern:
+            response, _ = await passthrough.relay(request, upstream, message.id, message.body, transform)
+            return response
+        return await pooled_serving.forward(request, grant, upstream, message, message.body, transform)
     return error(
         message.id,
         METHOD_NOT_FOUND,
-        f"method {method!r} is not served to 2026-07-28 clients by this gateway "
-        f"(served: server/discover, tools/call, {', '.join(sorted(PASSTHROUGH))})",
+        f"method {method!r} is not served to 2026-07-28 clients by this gateway (served: server/discover,"
+        f" tools/call, {passthrough.LISTEN}, {', '.join(sorted(PASSTHROUGH))})",
     )
 
 
@@ -287,76 +278,38 @@ def bad_input_responses(params: JsonObject) -> str | None:
     return None
 
 
-def decode_header_value(value: str | None) -> str | None:
-    """A header value as sent: `=?base64?…?=` wraps what a header cannot carry (None if malformed)."""
-    if value is None:
-        return None
-    match = _BASE64_SENTINEL.fullmatch(value)
-    if match is None:
-        return value
-    try:
-        return base64.b64decode(match["payload"], validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-
-
-# ---- serving ---------------------------------------------------------------------------------
-
-
-async def _acquire(request: web.Request, grant: Principal, upstream: str) -> Pooled | str:
-    try:
-        return await request.app[GATEWAY].pool.acquire(grant.name, upstream)
-    except OSError as exc:  # a ConnectionError, or a command that cannot start
-        return f"upstream {upstream} unavailable: {exc}"
-
-
-def _unavailable(request_id: RequestId, problem: str) -> web.Response:
-    body = encode(error_response(request_id, UPSTREAM_UNAVAILABLE, problem))
-    return web.Response(status=502, body=body, content_type="application/json")
-
-
-async def _discover(
-    request: web.Request, grant: Principal, upstream: str, message: Message
-) -> web.StreamResponse:
+async def _discover_modern(request: web.Request, upstream: str, message: Message) -> web.StreamResponse:
+    """The upstream's own `server/discover`, with what the gateway adds (tasks for held calls)."""
     assert message.id is not None
-    pooled = await _acquire(request, grant, upstream)
-    if isinstance(pooled, str):
-        return _unavailable(message.id, pooled)
-    return handlers.json_message(result_response(message.id, discover_result(pooled.server)))
 
+    def merge(answer: JsonObject) -> JsonObject:
+        result = answer.get("result")
+        if not isinstance(result, dict):
+            return answer
+        given = result.get("capabilities")
+        capabilities = tasks_modern.advertise(dict(given) if isinstance(given, dict) else {})
+        versions = result.get("supportedVersions")
+        served = [v for v in versions if v in MODERN_VERSIONS] if isinstance(versions, list) else []
+        merged = {
+            **result,
+            "capabilities": capabilities,
+            "supportedVersions": served or list(MODERN_VERSIONS),
+        }
+        return {**answer, "result": merged}
 
-def discover_result(server: JsonObject) -> JsonObject:
-    """The gateway's `server/discover` result from the upstream's `initialize` result.
-
-    Only capabilities the gateway bridges are advertised; list-changed and subscribe need
-    `subscriptions/listen`, which it does not serve yet. `cacheScope` is private: what a client
-    sees (its tool list) depends on its grant.
-    """
-    given = server.get("capabilities")
-    upstream_caps = given if isinstance(given, dict) else {}
-    capabilities: JsonObject = {}
-    for name in BRIDGED_CAPABILITIES:
-        value = upstream_caps.get(name)
-        if isinstance(value, dict):
-            capabilities[name] = {k: v for k, v in value.items() if k not in UNBRIDGED_CAPABILITY_FIELDS}
-    result: JsonObject = {
-        "supportedVersions": list(MODERN_VERSIONS),
-        "capabilities": tasks_modern.advertise(capabilities),
-        "resultType": "complete",
-        "ttlMs": 0,
-        "cacheScope": "private",
-    }
-    if isinstance(server.get("instructions"), str):
-        result["instructions"] = server["instructions"]
-    if isinstance(server.get("serverInfo"), dict):
-        result["_meta"] = {SERVER_INFO_KEY: server["serverInfo"]}
-    return result
+    response, _ = await passthrough.relay(request, upstream, message.id, message.body, merge)
+    return response
 
 
 async def _tool_call(
-    request: web.Request, grant: Principal, upstream: str, message: Message
+    request: web.Request, grant: Principal, upstream: str, message: Message, modern: bool
 ) -> web.StreamResponse:
-    """Judged by the gate exactly as a call in a session is, before anything reaches the upstream."""
+    """Judged by the gate exactly as a call in a session is, before anything reaches the upstream.
+
+    To a 2026-07-28 upstream, the retry of an input-required call (`inputResponses` with the
+    gateway's `requestState`, the same arguments) continues the judged call: it is passed through
+    without being judged again. Other arguments make it a new call, judged as any other.
+    """
     assert message.id is not None
     judged = handlers._judged(message)
     if isinstance(judged, str):
@@ -364,6 +317,23 @@ async def _tool_call(
     name, arguments, body = judged
     if (bad_task := tasks_modern.task_problem(message)) is not None:
         return error(message.id, INVALID_PARAMS, bad_task)
+    gateway = request.app[GATEWAY]
+    if modern and "requestState" in message.params:
+        try:
+            continued = gateway.states.unwrap(
+                message.params["requestState"], grant.name, upstream, name, arguments
+            )
+        except StateError as exc:
+            return error(message.id, INVALID_PARAMS, str(exc))
+        body = with_upstream_state(body, continued.upstream_state)
+        if continued.same_call and "inputResponses" in message.params:
+            wrap = _state_wrapper(
+                gateway.states, Judged.of(grant.name, upstream, name, arguments, continued.approval_id)
+            )
+            response, _ = await passthrough.relay(
+                request, upstream, message.id, body, wrap, arguments=arguments
+            )
+            return response
     call = ToolCall(upstream, grant.name, stateless_session(grant.name), name, arguments)
     try:
         admission = await request.app[GATE].admit(call)
@@ -372,7 +342,6 @@ async def _tool_call(
         return handlers.rpc_error(
             500, INTERNAL_ERROR, f"the gateway could not check this call: {exc}", message.id
         )
-    gateway = request.app[GATEWAY]
     if admission.hold is not None and tasks_modern.wants_task(message):
         return await tasks_modern.create(request, grant, upstream, message, admission.hold)
     if admission.hold is not None:
@@ -381,21 +350,35 @@ async def _tool_call(
         )
         holder.draining = gateway.pool.draining
         hold_seconds = gateway.settings.approvals.hold_seconds
-        return await stream_hold(request, holder, message, ModernHold(admission.hold), hold_seconds)
+        held_as = Judged.of(grant.name, upstream, name, arguments, admission.hold.approval_id)
+        hold = ModernHold(admission.hold, _state_wrapper(gateway.states, held_as))
+        return await stream_hold(request, holder, message, hold, hold_seconds)
     if admission.answer is not None:
         return handlers.json_message(result_response(message.id, complete(admission.answer, "tools/call")))
-    response, answer = await _serve(request, grant, upstream, message, body)
+    if modern:
+        wrap = _state_wrapper(gateway.states, Judged.of(grant.name, upstream, name, arguments))
+        response, answer = await passthrough.relay(
+            request, upstream, message.id, body, wrap, arguments=arguments
+        )
+    else:
+        response, answer = await pooled_serving.serve(request, grant, upstream, message, body)
     if admission.on_result is not None:
         await admission.on_result(answer or error_response(message.id, UPSTREAM_UNAVAILABLE, "no answer"))
     return response
 
 
+def _state_wrapper(states: RequestStates, judged: Judged) -> Callable[[JsonObject], JsonObject]:
+    return lambda answer: wrap_answer(states, judged, answer)
+
+
 class ModernHold:
     """A hold whose answers are 2026-07-28 results (`resultType`): the hold path is shared with
-    sessions of the initialize era, whose clients do not know the field."""
+    sessions of the initialize era, whose clients do not know the field. A released call's
+    InputRequiredResult gets the gateway's `requestState` (`wrap`), naming the approval."""
 
-    def __init__(self, hold: Hold) -> None:
+    def __init__(self, hold: Hold, wrap: Callable[[JsonObject], JsonObject] | None = None) -> None:
         self._hold = hold
+        self._wrap = wrap
         self.approval_id = hold.approval_id
 
     def __getattr__(self, name: str) -> Any:
@@ -403,7 +386,10 @@ class ModernHold:
 
     async def wait(self, timeout: float) -> JsonObject | None:
         outcome = await self._hold.wait(timeout)
-        return _as_modern(outcome, "tools/call") if outcome is not None else None
+        if outcome is None:
+            return None
+        modern = as_modern(outcome, "tools/call")
+        return self._wrap(modern) if self._wrap is not None else modern
 
     def status(self, now: float) -> str:
         return self._hold.status(now)
@@ -419,123 +405,3 @@ class ModernHold:
 
     def close(self) -> None:
         self._hold.close()
-
-
-async def _forward(
-    request: web.Request,
-    grant: Principal,
-    upstream: str,
-    message: Message,
-    body: JsonObject,
-    transform: handlers.Transform | None,
-) -> web.StreamResponse:
-    response, _ = await _serve(request, grant, upstream, message, body, transform)
-    return response
-
-
-async def _serve(
-    request: web.Request,
-    grant: Principal,
-    upstream: str,
-    message: Message,
-    body: JsonObject,
-    transform: handlers.Transform | None = None,
-) -> tuple[web.StreamResponse, JsonObject | None]:
-    assert message.id is not None
-    pooled = await _acquire(request, grant, upstream)
-    if isinstance(pooled, str):
-        return _unavailable(message.id, pooled), error_response(message.id, UPSTREAM_UNAVAILABLE, pooled)
-    exchange = pooled.session.forward_request(message, upstream_body(body))
-    return await _relay(request, pooled.session, exchange, message.method or "", transform)
-
-
-def upstream_body(body: JsonObject) -> JsonObject:
-    """The request as the upstream gets it: without the client's envelope in `_meta`."""
-    params = body.get("params")
-    if not isinstance(params, dict) or not isinstance(params.get("_meta"), dict):
-        return body
-    meta = {k: v for k, v in params["_meta"].items() if k not in ENVELOPE_KEYS}
-    rest = {k: v for k, v in params.items() if k != "_meta"}
-    return {**body, "params": {**rest, "_meta": meta} if meta else rest}
-
-
-def complete(result: JsonObject, method: str) -> JsonObject:
-    """An initialize-era result as 2026-07-28 has it: `resultType` always, caching hints where due."""
-    extra: JsonObject = {"resultType": "complete"}
-    if method in CACHEABLE:
-        extra.update(ttlMs=0, cacheScope="private")
-    return {**extra, **result}
-
-
-def _as_modern(answer: JsonObject, method: str) -> JsonObject:
-    result = answer.get("result")
-    return {**answer, "result": complete(result, method)} if isinstance(result, dict) else answer
-
-
-async def _relay(
-    request: web.Request,
-    session: Session,
-    exchange: Exchange,
-    method: str,
-    transform: Callable[[JsonObject], JsonObject] | None,
-) -> tuple[web.StreamResponse, JsonObject | None]:
-    """The upstream's answer as JSON, or as the last event of an SSE stream once progress came first.
-
-    Only progress for this request is relayed: logging needs the client's opt-in, and list changes
-    belong to `subscriptions/listen`. Requests from the upstream are answered here (`_refuse`).
-    """
-    accepts_sse = "text/event-stream" in request.headers.get("Accept", "text/event-stream")
-    stream: web.StreamResponse | None = None
-    try:
-        while True:
-            message = await exchange.outbox.get()
-            if message is None:
-                problem = "the upstream ended the request without an answer"
-                message = error_response(exchange.client_id, UPSTREAM_UNAVAILABLE, problem)
-            elif "method" in message:
-                if "id" in message:
-                    _refuse(session, message)
-                    continue
-                if message["method"] != "notifications/progress" or not accepts_sse:
-                    continue
-                if stream is None:
-                    stream = web.StreamResponse(headers=SSE_HEADERS)
-                    await stream.prepare(request)
-                await stream.write(encode_event(encode(message)))
-                continue
-            answer = _as_modern(transform(message) if transform is not None else message, method)
-            if stream is None:
-                return _answer_json(answer), answer
-            await stream.write(encode_event(encode(answer)))
-            await stream.write_eof()
-            return stream, answer
-    except (ConnectionResetError, asyncio.CancelledError):
-        # Closing the response stream is how a 2026-07-28 client cancels: the upstream is told.
-        session.cancel(exchange, "the client closed the request's stream")
-        raise
-    finally:
-        session.release(exchange)
-
-
-def _answer_json(answer: JsonObject) -> web.Response:
-    # 200 even for an upstream's error: the statuses of HTTP_STATUS are for requests the gateway
-    # itself refused (an upstream's -32601 does not mean this endpoint is not there).
-    return web.Response(body=encode(answer), content_type="application/json")
-
-
-def _refuse(session: Session, request: JsonObject) -> None:
-    """Answer a request the upstream sent during a stateless request: it cannot reach the client."""
-    request_id = request.get("id")
-    if not isinstance(request_id, str | int) or isinstance(request_id, bool):
-        return
-    method = request.get("method")
-    if method == "ping":
-        body: JsonObject = result_response(request_id, {})
-    else:
-        body = error_response(
-            request_id,
-            METHOD_NOT_FOUND,
-            f"{method} cannot reach this client: it speaks MCP 2026-07-28 (stateless) through the"
-            " approvals gateway, which declared no client capabilities to this server",
-        )
-    session.forward(Message("response", body, request_id, None))
