@@ -21,6 +21,7 @@ from approvals.core.feed import SharedFeed
 from approvals.core.ports import Store
 from approvals.core.service import ApprovalService
 from approvals.gatekeeper import Gatekeeper
+from approvals.gateway_secret import gateway_secret
 from approvals.limits import RateLimiter
 from approvals.policy import Limit
 from approvals.policy_files import WATCH_INTERVAL_SECONDS, PolicyBook
@@ -49,6 +50,7 @@ class Runtime:
     catalog: ToolCatalog
     service: ApprovalService
     gatekeeper: Gatekeeper
+    secret: str | None  # the replicas' shared secret (approvals.gateway_secret); None: random per process
 
     @classmethod
     async def open(
@@ -62,7 +64,13 @@ class Runtime:
         """Every part, started; raises ConfigError (an invalid policy) before anything starts."""
         policies = PolicyBook.load(settings)
         store, feed = await open_store(settings, poll_interval)
-        gateway = Gateway(settings)
+        try:
+            secret = await gateway_secret(settings, store)
+        except BaseException:
+            await feed.aclose()
+            await store.close()
+            raise
+        gateway = Gateway(settings, secret=secret)
         await gateway.start()
         limiter = open_limiter(store, clock)
         await limiter.start()
@@ -84,7 +92,7 @@ class Runtime:
         )
         policies.start(watch_interval)
         gatekeeper = Gatekeeper(policies, limiter, catalog, service, clock)
-        return cls(settings, policies, store, feed, gateway, limiter, catalog, service, gatekeeper)
+        return cls(settings, policies, store, feed, gateway, limiter, catalog, service, gatekeeper, secret)
 
     def drain(self) -> None:
         """First step of shutdown: held calls answer now, idle streams end."""

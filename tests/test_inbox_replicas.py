@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from approvals.errors import StoreError
+from approvals.gateway_secret import gateway_secret as session_secret
 from approvals.store.memory import MemoryStore
 from approvals.store.postgres import PostgresStore
 from approvals.store.sqlite import SqliteStore
@@ -24,7 +25,6 @@ from approvals.web.inbox_state import (
     STALE_SECONDS,
     InboxState,
     InboxStateStore,
-    session_secret,
 )
 from approvals.web.inbox_views import INBOX
 from tests.conftest import BOB_TOKEN, DEMO_COMMAND, WAIT, Running, StartGateway, settings_for

@@ -54,7 +54,10 @@ TOO_MANY_SESSIONS = 429  # HTTP status of an initialize refused for a session li
 class Gateway:
     """Creates, finds and ends client sessions. One per application."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, settings: Settings, clock: Callable[[], float] = time.monotonic, *, secret: str | None = None
+    ) -> None:
+        # `secret`: the replicas' shared secret (approvals.gateway_secret), None for a random key.
         self.settings = settings
         self.clock = clock  # for idle times; tests drive `reap` with their own `now`
         self.sessions: dict[str, Session] = {}
@@ -79,7 +82,7 @@ class Gateway:
         self.eras = UpstreamEras(settings, lambda: self.http)
         self.listens = ListenLimit()
         self.fanouts = Fanouts()  # listen streams served from pooled initialize-era sessions
-        self.states = RequestStates(settings.inbox.session_secret)
+        self.states = RequestStates(secret)
 
     @property
     def http(self) -> aiohttp.ClientSession:

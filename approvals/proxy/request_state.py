@@ -13,10 +13,11 @@ checked and unwrapped: a state that is not the gateway's, was altered, has expir
 to another grant, upstream or tool is refused (-32602); arguments that differ from the judged
 ones make a new call, judged again.
 
-The key is derived from `APPROVALS_SESSION_SECRET` (the inbox's secret, the one secret every
-replica already shares) with HMAC for this purpose alone, so a value signed here can never pass
-for an inbox cookie. Without that secret each process has a random key: a retry reaching another
-process or a restarted one is refused, and the client starts the call again.
+The key is derived from the gateway's secret (`approvals.gateway_secret`: APPROVALS_SESSION_SECRET,
+or the one kept in the shared database), which every replica has, with HMAC for this purpose alone,
+so a value signed here can never pass for an inbox cookie. One process on SQLite without the
+variable has a random key: a retry reaching it after a restart is refused, and the client starts
+the call again.
 """
 
 from __future__ import annotations

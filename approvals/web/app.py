@@ -45,7 +45,7 @@ async def create_app(
         settings, clock=clock, watch_interval=watch_interval, poll_interval=poll_interval
     )
     try:
-        inbox_auth = await inbox.open_auth(settings, runtime.store, clock)
+        inbox_auth = await inbox.open_auth(settings, runtime.store, runtime.secret, clock)
     except BaseException:
         await runtime.close()
         raise

@@ -29,7 +29,7 @@ from approvals.core.service import ApprovalService
 from approvals.web import inbox_format as fmt
 from approvals.web import inbox_history, inbox_login, inbox_views
 from approvals.web.inbox_auth import InboxAuth
-from approvals.web.inbox_state import InboxState, InboxStateStore, session_secret
+from approvals.web.inbox_state import InboxState, InboxStateStore
 from approvals.web.live import LiveFeed
 
 HERE = Path(__file__).parent
@@ -57,12 +57,14 @@ def templates() -> jinja2.Environment:
     return env
 
 
-async def open_auth(settings: Settings, store: object, clock: Callable[[], float]) -> InboxAuth:
-    """The inbox's logins over the gateway's store: its key, and the state every replica shares
-    (kept fresh until `auth.state.close()`). Raises StoreError when the store cannot be read."""
+async def open_auth(
+    settings: Settings, store: object, secret: str | None, clock: Callable[[], float]
+) -> InboxAuth:
+    """The inbox's logins over the gateway's store, signed with the gateway's `secret`, and the
+    state every replica shares (kept fresh until `auth.state.close()`). Raises StoreError when the
+    store cannot be read."""
     if not isinstance(store, InboxStateStore):
         raise TypeError(f"{type(store).__name__} does not keep the inbox's login links and sessions")
-    secret = await session_secret(settings, store)
     state = await InboxState.open(store, clock)
     return InboxAuth(settings.reviewers, secret, settings.inbox.session_hours, state)
 

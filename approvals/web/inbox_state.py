@@ -21,9 +21,8 @@ login forms say why (``fresh`` is False) until a refresh succeeds.
 Rows carry the expiry of what they record (the link's, the session's latest possible one) and are
 pruned ``PRUNE_GRACE_SECONDS`` after it, a margin for replicas whose clocks disagree.
 
-The key that signs cookies and links comes from ``APPROVALS_SESSION_SECRET``; without it, one
-process (SQLite) uses a random key of its own, and replicas sharing a database keep one, made by
-whichever starts first, in the database (:func:`session_secret`).
+The key that signs cookies and links is derived from the gateway's secret
+(`approvals.gateway_secret`): ``APPROVALS_SESSION_SECRET``, else one kept in the shared database.
 """
 
 from __future__ import annotations
@@ -31,15 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from approvals.config import Settings
-from approvals.errors import StoreError
-
-__all__ = ["InboxState", "InboxStateStore", "SharedSecretStore", "session_secret"]
+__all__ = ["InboxState", "InboxStateStore"]
 
 log = logging.getLogger(__name__)
 
@@ -72,32 +67,6 @@ class InboxStateStore(Protocol):
     async def prune_inbox_state(self, before: float) -> int:
         """Delete the used links and ended sessions that expired before ``before``; how many."""
         ...
-
-
-@runtime_checkable
-class SharedSecretStore(Protocol):
-    """A store shared by replicas that keeps the inbox's signing key for all of them."""
-
-    async def shared_session_secret(self, proposed: str) -> str:
-        """The key in the store, first storing ``proposed`` when there is none (one key for all)."""
-        ...
-
-
-async def session_secret(settings: Settings, store: object) -> str | None:
-    """The key that signs the inbox's cookies and links; None for a random key of this process.
-
-    ``APPROVALS_SESSION_SECRET`` wins. Without it, replicas sharing a database (a store URL) keep
-    one in the database, or a cookie made by one replica would be refused by the next; one process
-    on SQLite keeps a random key (its sessions end when it does), as before.
-    """
-    if settings.inbox.session_secret is not None or settings.store.url is None:
-        return settings.inbox.session_secret
-    if not isinstance(store, SharedSecretStore):
-        # Failing closed rather than starting with a key no other replica knows.
-        raise StoreError(
-            "this store cannot keep the inbox's session key for every replica; set APPROVALS_SESSION_SECRET"
-        )
-    return await store.shared_session_secret(secrets.token_urlsafe(48))
 
 
 class InboxState:
