@@ -51,9 +51,11 @@ def modern_headers(body: dict[str, Any], token: str = TOKEN_A) -> dict[str, str]
     return headers
 
 
-async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+async def post(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any], token: str = TOKEN_A
+) -> tuple[int, dict[str, Any]]:
     """A 2026-07-28 POST; the answer (the last event of an SSE stream)."""
-    async with http.post(url, data=json.dumps(body), headers=modern_headers(body)) as response:
+    async with http.post(url, data=json.dumps(body), headers=modern_headers(body, token)) as response:
         text = await response.text()
         if response.content_type == "text/event-stream":
             events = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]

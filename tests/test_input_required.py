@@ -4,6 +4,8 @@ judged call, never judged, held or counted twice; a state the gateway did not is
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from approvals.config import sha256_hex
 from approvals.proxy.request_state import Judged, RequestStates, StateError
 from tests.conformance_kit import conformance_upstream
 from tests.conftest import WAIT, StartGateway
@@ -116,6 +119,28 @@ async def test_retry_is_not_counted_again(
     assert done["result"]["content"][0]["text"] == "Hello, Ada!"
     _, again = await post(http, policed.url, call(ASK_NAME))
     assert again["result"]["isError"] is True  # a new call: counted, and over the limit
+
+
+async def test_a_retry_may_reach_another_replica_without_a_configured_secret(
+    start_gateway: StartGateway, tmp_path: Path, dual_url: str, http: aiohttp.ClientSession, postgres_url: str
+) -> None:
+    """Two replicas on one PostgreSQL database and no APPROVALS_SESSION_SECRET: the state issued by
+    one is honoured by the other (the key is derived from the secret kept in the database), and
+    the retry there is not counted again under a limit of one call a minute."""
+    (tmp_path / "policy.json").write_text(json.dumps(ONCE_A_MINUTE))
+    upstreams = {"up": {"url": dual_url, "policy": "policy.json"}}
+    grant = f"agent-{uuid.uuid4().hex[:8]}"  # the database is shared by the whole test run
+    token = f"token-{uuid.uuid4().hex}"
+    options: dict[str, Any] = {
+        "store": {"url": postgres_url},
+        "grants": [{"name": grant, "token_sha256": sha256_hex(token), "owner": "alice"}],
+    }
+    a, b = await start_gateway(upstreams, **options), await start_gateway(upstreams, **options)
+    status, first = await post(http, a.url("up"), call(ASK_NAME), token=token)
+    assert status == 200
+    retry = call(ASK_NAME, inputResponses=NAME_ANSWER, requestState=_state(first))
+    _, done = await post(http, b.url("up"), retry, token=token)
+    assert done["result"]["content"][0]["text"] == "Hello, Ada!", done
 
 
 async def test_tampered_or_foreign_state_is_refused(
