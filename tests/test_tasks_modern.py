@@ -460,9 +460,6 @@ TASK_SCENARIOS = (
 # The one check that cannot pass: it wants a tool that only runs as a task refused (-32021) to a
 # client without the extension; the gateway's held calls serve such a client in-band instead.
 NOT_FOR_A_GATEWAY = {"tasks-required-task-error/sep-2663-server-returns-missing-capability-when-required"}
-# Fails until stateless.py leaves a 2025-11-25 `params.task` out of what it forwards for a 2026-07-28
-# client (the spec: tolerated, never acted on): this upstream refuses a task it cannot create.
-LEGACY_TASK_PARAM = "tasks-dispatch-and-envelope/sep-2663-legacy-task-param-ignored"
 
 
 async def approve_short_jobs(gateway: TestServer, recorder: Recorder) -> None:
@@ -511,4 +508,4 @@ async def test_conformance_tasks_scenarios_pass_on_held_calls(tmp_path: Path) ->
     results = read_results(tmp_path / "results")
     assert {key.split("/")[0] for key in results} == set(TASK_SCENARIOS)
     failed = {key: check.reason for key, check in results.items() if not check.passed}
-    assert failed.keys() - {LEGACY_TASK_PARAM} == NOT_FOR_A_GATEWAY, failed
+    assert failed.keys() == NOT_FOR_A_GATEWAY, failed

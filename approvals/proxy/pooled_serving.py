@@ -126,13 +126,21 @@ async def serve(
 
 
 def upstream_body(body: JsonObject) -> JsonObject:
-    """The request as the upstream gets it: without the client's envelope in `_meta`."""
+    """The request as the initialize-era upstream gets it: without the client's envelope in
+    `_meta`, and without a legacy `params.task`, which 2026-07-28 says is tolerated and never acted
+    on (tasks are the extension's; an initialize-era upstream would act on it, or refuse it)."""
     params = body.get("params")
-    if not isinstance(params, dict) or not isinstance(params.get("_meta"), dict):
+    if not isinstance(params, dict):
         return body
-    meta = {k: v for k, v in params["_meta"].items() if k not in ENVELOPE_KEYS}
-    rest = {k: v for k, v in params.items() if k != "_meta"}
-    return {**body, "params": {**rest, "_meta": meta} if meta else rest}
+    rest = {k: v for k, v in params.items() if k not in ("_meta", "task")}
+    meta = params.get("_meta")
+    if isinstance(meta, dict):
+        kept = {k: v for k, v in meta.items() if k not in ENVELOPE_KEYS}
+        if kept:
+            rest["_meta"] = kept
+    elif "_meta" in params:
+        rest["_meta"] = meta
+    return {**body, "params": rest}
 
 
 async def relay(

@@ -168,9 +168,14 @@ async def handle(
             "initialize does not exist in 2026-07-28 (there is no handshake): send server/discover,"
             " or initialize with an initialize-era MCP-Protocol-Version header",
         )
-    if method in tasks_modern.METHODS:
-        return await tasks_modern.handle(request, grant, upstream, message)
     modern = (await request.app[GATEWAY].eras.of(upstream)).modern
+    if method in tasks_modern.METHODS:
+        if (answered := await tasks_modern.answer(request, grant, upstream, message)) is not None:
+            return answered
+        if modern:  # not an approval of this grant: the upstream's own task (it serves the extension)
+            response, _ = await passthrough.relay(request, upstream, message.id, message.body, None)
+            return response
+        return tasks_modern.no_such_task(message)
     if method == "server/discover":
         if modern:
             return await _discover_modern(request, upstream, message)
@@ -254,7 +259,8 @@ def _header_mismatch(headers: CIMultiDictProxy[str], message: Message, version: 
         return f"the {METHOD_HEADER} header does not match the body's method {message.method!r}"
     field = NAMED_BY.get(message.method or "")
     named = message.params.get(field) if field is not None else None
-    if named is not None and decode_header_value(headers.get(NAME_HEADER)) != named:
+    # Only a string can be mirrored in a header; any other value is the params' own error (-32602).
+    if isinstance(named, str) and decode_header_value(headers.get(NAME_HEADER)) != named:
         return f"the {NAME_HEADER} header does not match the body's params.{field}"
     return None
 
