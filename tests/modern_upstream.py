@@ -102,6 +102,11 @@ async def _serve_http(era: str) -> None:
     from conformance_upstream import server
     from mcp.server.lowlevel.server import NotificationOptions
 
+    @server.tool()
+    def matrix_echo(message: str) -> str:
+        """Echo the message (the tool tests/test_client_matrix.py holds on this upstream)."""
+        return message
+
     if era == "legacy":
         # Its trigger tools do announce list changes on the session's stream: say so, as an
         # initialize-era server that sends them does (the SDK's default declares none).

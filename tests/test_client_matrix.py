@@ -22,6 +22,7 @@ import pytest
 from approvals.core.model import Approval
 from tests.approvals_kit import Held, Recorder, start_held
 from tests.conftest import TOKEN_A, WAIT, StartGateway, mcp_client
+from tests.modern_upstream import start_modern_only
 from tests.upstreams import NODE_DIR, start_everything
 
 NODE = NODE_DIR / "node_modules" / "node" / "bin" / "node"  # Node 22, which the v2 SDK wants
@@ -40,6 +41,11 @@ UPSTREAMS: dict[str, dict[str, Any]] = {
     "everything": {
         "allowed": ["get-sum", {"a": 1, "b": 2}],
         "held": "echo",
+        "args": {d: {"message": d} for d in ("approve", "deny", "task")},
+    },
+    "modern-only": {  # 2026-07-28 only: tests/modern_upstream.py
+        "allowed": ["test_simple_text", {}],
+        "held": "matrix_echo",
         "args": {d: {"message": d} for d in ("approve", "deny", "task")},
     },
 }
@@ -145,16 +151,18 @@ async def gateway_on(
         held = await start_held(start_gateway, tmp_path)
         yield held, held.url()
         return
-    policy = {"version": "1", "default": "allow", "tools": {"echo": {"action": "require_approval"}}}
+    held_tool = UPSTREAMS[upstream]["held"]
+    policy = {"version": "1", "default": "allow", "tools": {held_tool: {"action": "require_approval"}}}
     (tmp_path / "policy.json").write_text(json.dumps(policy))
-    async with start_everything() as url:
+    start = start_everything if upstream == "everything" else start_modern_only
+    async with start() as url:
         running = await start_gateway(
-            {"everything": {"url": url, "policy": "policy.json"}}, approvals={"hold_seconds": 10}
+            {upstream: {"url": url, "policy": "policy.json"}}, approvals={"hold_seconds": 10}
         )
         recorder = Recorder.following(running.service.feed)
         yield (
             Held(running, running.gatekeeper, recorder, tmp_path / "outbox.jsonl"),
-            running.url("everything"),
+            running.url(upstream),
         )
 
 
