@@ -24,8 +24,9 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from approvals import review_client
+from approvals import review_client, supervisor
 from approvals.config import (
+    MAX_WORKERS,
     MIN_TOKEN_LENGTH,
     SESSION_SECRET_ENV,
     Principal,
@@ -36,7 +37,7 @@ from approvals.config import (
     sha256_hex,
 )
 from approvals.core.model import STATUSES
-from approvals.errors import ConfigError
+from approvals.errors import ApprovalsError, ConfigError
 from approvals.gatekeeper import check_policies
 from approvals.web.app import create_app
 from approvals.web.inbox_auth import LINK_SECONDS, InboxAuth
@@ -48,6 +49,7 @@ DEV_GRANT = "dev-agent"
 DEV_REVIEWER = "dev-reviewer"
 DEFAULT_URL = "http://127.0.0.1:8080"
 SHUTDOWN_GRACE_SECONDS = 10.0
+DEFAULT_INTERNAL_URL = "http://127.0.0.1:0"  # a worker's address for the others, by default
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 EXIT_BROKEN_PIPE = 141  # the shell's code for "killed by SIGPIPE", as `yes | head` leaves it
 
@@ -64,6 +66,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _workers(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be a number from 1 to {MAX_WORKERS}, not {text!r}")
+    return count
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="approvals", description="Human-in-the-loop approval gateway for MCP."
@@ -75,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (overrides [server] host)")
     serve.add_argument("--port", type=_port, help="listen port, 0 for any free one (overrides [server] port)")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        help="processes sharing the port, to use more cores (overrides [server] workers; more than 1"
+        " needs a PostgreSQL store)",
+    )
+    # Given by the supervisor of --workers to each worker: its end of their socket pair.
+    serve.add_argument("--worker-channel", type=int, help=argparse.SUPPRESS)
     check = commands.add_parser(
         "check", help="validate the config and every policy file, listing every error"
     )
@@ -211,10 +231,30 @@ def _serve_command(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         sys.exit(1)
+    workers = args.workers if args.workers is not None else settings.server.workers
     try:
+        if args.worker_channel is not None:
+            sys.exit(_run_loop(_serve(settings, dev_tokens, args.worker_channel)))
+        if workers > 1:
+            sys.exit(_supervise(settings, args.config, workers, dev_tokens))
         sys.exit(_run_loop(_serve(settings, dev_tokens)))
     except KeyboardInterrupt:  # Ctrl-C before the gateway was listening
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _supervise(settings: Settings, config: Path, workers: int, dev_tokens: dict[str, str]) -> int:
+    """Run `workers` processes of `approvals serve` on one port (see approvals.supervisor)."""
+
+    def command(port: int, channel: int) -> list[str]:
+        return [
+            sys.executable, "-m", "approvals", "serve", "--config", str(config.resolve()),
+            "--host", settings.server.host, "--port", str(port), "--worker-channel", str(channel),
+        ]  # fmt: skip
+
+    def on_ready(port: int) -> None:
+        _print_banner(_as_served(settings, port), port, dev_tokens, workers)
+
+    return supervisor.serve_workers(settings, workers, command, on_ready)
 
 
 def _login_link(settings: Settings, name: str, url: str | None) -> None:
@@ -302,8 +342,13 @@ def _with_dev_credentials(settings: Settings) -> tuple[Settings, dict[str, str]]
     return settings, tokens
 
 
-async def _serve(settings: Settings, dev_tokens: dict[str, str]) -> int:
-    """Serve until SIGINT or SIGTERM; the exit status (1 when the address cannot be listened on)."""
+async def _serve(settings: Settings, dev_tokens: dict[str, str], worker_channel: int | None = None) -> int:
+    """Serve until SIGINT or SIGTERM; the exit status (1 when the address cannot be listened on).
+
+    As a worker of `--workers` (`worker_channel` given): the port is shared with the other
+    workers, the internal address is 127.0.0.1:0 unless configured, and readiness is told to the
+    supervisor instead of printing the banner.
+    """
     # Handlers first: once the banner is out a supervisor may signal at any moment, and the
     # default action would kill the gateway without stopping its stdio upstreams.
     stop = asyncio.Event()
@@ -312,15 +357,35 @@ async def _serve(settings: Settings, dev_tokens: dict[str, str]) -> int:
         loop.add_signal_handler(sig, stop.set)
     # Listen before building the app: links in agents' results and Slack messages are made from
     # the settings the app gets, so they must already name the port actually served.
+    ready = supervisor.watch_supervisor(worker_channel, stop.set) if worker_channel is not None else None
+    if ready is not None and settings.server.internal_url is None:
+        settings = _with_internal_url(settings, DEFAULT_INTERNAL_URL)
     try:
-        sockets = _listen(settings.server.host, settings.server.port)
+        sockets = _listen(settings.server.host, settings.server.port, reuse_port=ready is not None)
     except OSError as exc:
         where = f"{settings.server.host}:{settings.server.port}"
         print(f"error: cannot listen on {where}: {_reason(exc)}", file=sys.stderr)
         return 1
     port = sockets[0].getsockname()[1]
     settings = _as_served(settings, port)
-    app = await create_app(settings)
+    if settings.server.internal_url is not None:
+        internal = urlsplit(settings.server.internal_url)
+        assert internal.hostname is not None  # checked by config
+        assert internal.port is not None
+        try:
+            sockets += (inner := _listen(internal.hostname, internal.port))
+        except OSError as exc:
+            print(
+                f"error: cannot listen on internal_url {settings.server.internal_url}: {_reason(exc)}",
+                file=sys.stderr,
+            )
+            return 1
+        settings = _with_internal_url(settings, served_url(internal.hostname, inner[0].getsockname()[1]))
+    try:
+        app = await create_app(settings)
+    except ApprovalsError as exc:  # the database cannot be reached, a policy is invalid
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     policies = app[GATEKEEPER].policies
     # SIGHUP: re-read every policy file now (edits are also picked up within a second on their own).
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(policies.reload_async()))
@@ -332,7 +397,10 @@ async def _serve(settings: Settings, dev_tokens: dict[str, str]) -> int:
     await runner.setup()
     for sock in sockets:
         await web.SockSite(runner, sock).start()
-    _print_banner(settings, port, dev_tokens)
+    if ready is not None:
+        ready()
+    else:
+        _print_banner(settings, port, dev_tokens)
     await stop.wait()
     log.info(
         "shutting down: no new connections; finishing calls in flight for up to %.0f s",
@@ -342,15 +410,16 @@ async def _serve(settings: Settings, dev_tokens: dict[str, str]) -> int:
     return 0
 
 
-def _listen(host: str, port: int) -> list[socket.socket]:
+def _listen(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
     """Listening sockets on every address `host` names, all on one port (the first one's, for 0),
-    as aiohttp's own TCPSite would open them (SO_REUSEADDR; IPv6 sockets IPv6-only)."""
+    as aiohttp's own TCPSite would open them (SO_REUSEADDR; IPv6 sockets IPv6-only); with
+    `reuse_port`, shared with the other workers of `--workers` (SO_REUSEPORT)."""
     sockets: list[socket.socket] = []
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, address in dict.fromkeys((info[0], info[4]) for info in infos):  # once each
             bound = (address[0], port, *address[2:])
-            sockets.append(socket.create_server(bound, family=family))
+            sockets.append(socket.create_server(bound, family=family, reuse_port=reuse_port))
             port = sockets[0].getsockname()[1]
     except OSError:
         for sock in sockets:
@@ -366,13 +435,21 @@ def _as_served(settings: Settings, port: int) -> Settings:
     return dataclasses.replace(settings, server=dataclasses.replace(server, port=port, public_url=public_url))
 
 
-def _print_banner(settings: Settings, port: int, dev_tokens: dict[str, str]) -> None:
+def _with_internal_url(settings: Settings, url: str) -> Settings:
+    return dataclasses.replace(settings, server=dataclasses.replace(settings.server, internal_url=url))
+
+
+def _print_banner(settings: Settings, port: int, dev_tokens: dict[str, str], workers: int = 1) -> None:
     base = public_url = settings.server.public_url
     public = urlsplit(public_url)
     if public.hostname in LOOPBACK_NAMES:  # local use: show the port actually bound (--port, or 0)
         host = f"[{public.hostname}]" if ":" in public.hostname else public.hostname
         base = f"{public.scheme}://{host}:{port}"
     lines = [f"approvals gateway listening on {settings.server.host}:{port}"]
+    if workers > 1:
+        lines.append(f"  {workers} worker processes share this port (one PostgreSQL store)")
+    elif settings.server.internal_url is not None:
+        lines.append(f"  other replicas forward this one's sessions to {settings.server.internal_url}")
     if public_url != served_url(settings.server.host, port):
         lines.append(
             f"  links in agents' results, Slack messages and login links use public_url {public_url}"

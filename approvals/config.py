@@ -67,6 +67,11 @@ class ServerSettings:
     # Undocumented, for the A/B benchmark: which HTTP client POSTs to Streamable HTTP upstreams,
     # the gateway's own (proxy/http1.py) or aiohttp's.
     upstream_client: str = "http1"
+    # Processes `approvals serve` runs on this machine, sharing the port (`--workers` overrides).
+    workers: int = 1
+    # Where the other replicas reach this one, for requests of a session it owns
+    # (approvals.proxy.affinity): None on one replica. Port 0 picks a free port per process.
+    internal_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +286,7 @@ def _string_table(value: Any) -> dict[str, str]:
 def _read_server(r: _Reader, data: Mapping[str, Any]) -> ServerSettings:
     known = {"host", "port", "public_url", "allowed_hosts", "max_body_bytes", "session_idle"}
     known |= {"abandoned_session_idle", "max_sessions", "max_sessions_per_grant", "read_timeout"}
-    known |= {"max_backlog_bytes", "upstream_client"}
+    known |= {"max_backlog_bytes", "upstream_client", "workers", "internal_url"}
     t = r.table(data, "", "server", known)
     d = ServerSettings()
     port = r.get(t, "server", "port", d.port, _port)
@@ -311,7 +316,37 @@ def _read_server(r: _Reader, data: Mapping[str, Any]) -> ServerSettings:
         read_timeout_seconds=r.get(t, "server", "read_timeout", d.read_timeout_seconds, _seconds),
         max_backlog_bytes=r.get(t, "server", "max_backlog_bytes", d.max_backlog_bytes, _positive_int),
         upstream_client=r.get(t, "server", "upstream_client", d.upstream_client, _upstream_client),
+        workers=r.get(t, "server", "workers", d.workers, _worker_count),
+        internal_url=r.get(t, "server", "internal_url", None, internal_url),
     )
+
+
+MAX_WORKERS = 256
+
+
+def _worker_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be an integer from 1 to {MAX_WORKERS}")
+    return value
+
+
+def internal_url(value: Any) -> str:
+    """`http://HOST:PORT` and nothing more: the address replicas forward session requests to.
+
+    Plain http with an explicit port and no path: it is an address on a private network (or
+    loopback), listened on by this process, not a public URL.
+    """
+    text = _string(value)
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "http" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise ValueError(f"must be http://HOST:PORT, with no path (got {text!r}); port 0 picks a free one")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"must be http://HOST:PORT, with nothing else (got {text!r})")
+    return text.rstrip("/")
 
 
 def _upstream_client(value: Any) -> str:
@@ -580,6 +615,18 @@ def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]
         (base / r.get(store_table, "store", "path", "data/approvals.db", _string)).resolve(),
         _database_url(r, store_table),
     )
+    if server.workers > 1 and store.url is None:
+        r.error(
+            "server.workers",
+            "more than 1 needs a PostgreSQL store ([store] url or APPROVALS_DATABASE_URL):"
+            " the SQLite store is used by one process only",
+        )
+    if server.internal_url is not None and store.url is None:
+        r.error(
+            "server.internal_url",
+            "needs a PostgreSQL store ([store] url or APPROVALS_DATABASE_URL): it routes sessions"
+            " between replicas sharing one",
+        )
     approvals = _read_approvals(r, data)
     upstream_table = data.get("upstreams", {})
     if not isinstance(upstream_table, dict):
@@ -628,6 +675,11 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [Issue("", f"not valid TOML: {exc}")]) from None
     return parse_settings(data, path.resolve(), os.environ if env is None else env)
+
+
+def environment_with(extra: Mapping[str, str]) -> dict[str, str]:
+    """The process environment plus `extra`: what `approvals serve --workers` starts its workers with."""
+    return {**os.environ, **extra}
 
 
 def reviewer_environment(env: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from approvals import supervisor
 from tests.conftest import WAIT, mcp_client
 from tests.rawmcp import RawSession
 
@@ -359,3 +360,77 @@ async def test_login_link_says_which_gateway_url_it_uses(workdir: Path) -> None:
         assert status == 0, err
         assert out.startswith(f"{base}/inbox/login/link?t="), out
         assert (f"the link uses {base}" in err) == says, err
+
+
+async def test_serve_refuses_several_workers_on_sqlite(workdir: Path) -> None:
+    """--workers 2 without a PostgreSQL store: exit 1 saying why (SQLite is one process's)."""
+    status, out, err = await run_cli(
+        workdir, "serve", "--config", "gateway.toml", "--port", "0", "--workers", "2"
+    )
+    assert status == 1
+    assert out == ""
+    assert "error: 2 workers need a PostgreSQL store ([store] url or APPROVALS_DATABASE_URL)" in err
+    assert "Traceback" not in err
+
+
+async def test_serve_rejects_a_worker_count_out_of_range(workdir: Path) -> None:
+    """--workers 0 is a usage error (exit 2)."""
+    status, _, err = await run_cli(workdir, "serve", "--config", "gateway.toml", "--workers", "0")
+    assert status == 2
+    assert "--workers: must be a number from 1 to 256" in err
+
+
+async def test_serve_exits_1_when_a_worker_cannot_start(workdir: Path) -> None:
+    """--workers 2 on a database nobody listens on: each worker's error, then the supervisor's
+    message naming a worker that stopped while starting; exit 1, no worker left behind."""
+    env = {"APPROVALS_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nothing"}
+    status, out, err = await run_cli(
+        workdir, "serve", "--config", "gateway.toml", "--port", "0", "--workers", "2", env=env
+    )
+    assert status == 1
+    assert out == ""
+    assert "error: cannot connect to the database" in err
+    assert "stopped while starting (exit status 1)" in err
+    assert "Traceback" not in err
+
+
+# ---- the supervisor of --workers, with stand-in workers -----------------------------------
+
+
+def _stand_in(behaviour: str) -> Callable[[int], list[str]]:
+    """A worker command: a tiny Python process given the supervisor's channel, which says ready
+    and waits for the channel to close ("serve"), says ready and exits ("crash"), or exits 3
+    without a word ("fail")."""
+    script = {
+        "serve": "s.send(b'ready\\n'); s.recv(1)",
+        "crash": "s.send(b'ready\\n')",
+        "fail": "sys.exit(3)",
+    }[behaviour]
+    code = f"import socket, sys; s = socket.socket(fileno=int(sys.argv[1])); {script}"
+    return lambda channel: [sys.executable, "-c", code, str(channel)]
+
+
+async def test_supervisor_stops_its_workers_on_request() -> None:
+    """Workers ready, then a stop: each gets SIGTERM and the supervisor's status is 0."""
+    workers = supervisor.Supervisor(3, _stand_in("serve"))
+    await workers.start()
+    running = asyncio.create_task(workers.run())
+    workers.request_stop()
+    assert await asyncio.wait_for(running, WAIT) == 0
+    assert {w.process.returncode for w in workers.workers.values()} == {-signal.SIGTERM}
+
+
+async def test_supervisor_fails_when_a_worker_cannot_start() -> None:
+    """A worker that exits before it is ready: WorkerFailed naming it and its status."""
+    workers = supervisor.Supervisor(2, _stand_in("fail"))
+    with pytest.raises(supervisor.WorkerFailed, match=r"of 2 stopped while starting \(exit status 3\)"):
+        await asyncio.wait_for(workers.start(), WAIT)
+
+
+async def test_supervisor_gives_up_on_workers_that_keep_dying() -> None:
+    """A worker that dies after it was ready is started again, up to MAX_RESTARTS times a minute;
+    then everything stops and the status is 1."""
+    workers = supervisor.Supervisor(1, _stand_in("crash"))
+    await workers.start()
+    assert await asyncio.wait_for(workers.run(), WAIT) == 1
+    assert len(workers.restarts) == supervisor.MAX_RESTARTS + 1

@@ -631,3 +631,34 @@ def test_store_url_must_be_postgresql(config_dir: Path) -> None:
     assert [path for path, _ in found] == ["store.url"]
     found = issues_of(config_dir, DEMO, env={"APPROVALS_DATABASE_URL": "sqlite:///x.db"})
     assert [path for path, _ in found] == ["APPROVALS_DATABASE_URL"]
+
+
+def test_workers_and_internal_url_are_read_and_checked(config_dir: Path) -> None:
+    """[server] workers is a count from 1 to 256; internal_url is plain http://HOST:PORT and needs
+    a PostgreSQL store (it routes sessions between replicas sharing one)."""
+    text = DEMO + '[server]\nworkers = 4\ninternal_url = "http://10.0.0.5:9080/"\n'
+    settings = load(config_dir, text, {"APPROVALS_DATABASE_URL": "postgresql://db/approvals"})
+    assert (settings.server.workers, settings.server.internal_url) == (4, "http://10.0.0.5:9080")
+    assert (load(config_dir, DEMO).server.workers, load(config_dir, DEMO).server.internal_url) == (1, None)
+    bad = DEMO + '[server]\nworkers = 0\ninternal_url = "https://10.0.0.5:9080/x"\n'
+    assert_issues(
+        issues_of(config_dir, bad, {"APPROVALS_DATABASE_URL": "postgresql://db/approvals"}),
+        [
+            ("server.workers", "must be an integer from 1 to 256"),
+            ("server.internal_url", "must be http://HOST:PORT, with no path"),
+        ],
+    )
+    assert_issues(
+        issues_of(config_dir, DEMO + '[server]\ninternal_url = "http://127.0.0.1"\nworkers = true\n'),
+        [
+            ("server.workers", "must be an integer from 1 to 256"),
+            ("server.internal_url", "must be http://HOST:PORT"),
+        ],
+    )
+    assert_issues(
+        issues_of(config_dir, DEMO + '[server]\ninternal_url = "http://127.0.0.1:0"\nworkers = 2\n'),
+        [
+            ("server.workers", "more than 1 needs a PostgreSQL store"),
+            ("server.internal_url", "needs a PostgreSQL store"),
+        ],
+    )
