@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check lint bench fuzz clean chromium
+.PHONY: run test check lint bench fuzz clean chromium haproxy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,12 +40,20 @@ lint: $(VENV)/.test-installed
 chromium:
 	command -v chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
-test: $(VENV)/.test-installed tests/node/node_modules/.installed chromium lint
+# The replica tests (tests/test_replicas.py) and bench/scale.py put Debian's HAProxy in front of
+# several gateways, with the config the docs give (docs/haproxy.cfg).
+haproxy:
+	command -v haproxy || test -x /usr/sbin/haproxy || ($(SUDO) apt-get update && $(SUDO) apt-get install -y haproxy)
+
+test: $(VENV)/.test-installed tests/node/node_modules/.installed chromium haproxy lint
 	$(BIN)/python -m pytest -q
 
 # The benchmark (bench/run.py): the gateway beside a direct connection, FastMCP's proxy and mcp-proxy.
-bench: $(VENV)/.test-installed
+# Then the scale-out run (bench/scale.py): 1, 2 and 4 replicas on PostgreSQL behind HAProxy, and
+# --workers; it needs PostgreSQL on 127.0.0.1:5432 (or APPROVALS_BENCH_POSTGRES).
+bench: $(VENV)/.test-installed haproxy
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/scale.py
 
 # The fuzzer (bench/fuzz.py): 20,000 seeded malformed requests against a real gateway; any 500 fails.
 fuzz: $(VENV)/.test-installed
