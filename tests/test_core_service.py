@@ -365,3 +365,50 @@ async def test_a_dropped_feed_connection_still_delivers_the_decision(
     assert outcome is not None
     assert outcome["result"]["content"][0]["text"] == "sent"
     assert upstream.calls == 1
+
+
+class Stopped:
+    """An upstream caller for a process that stops right after its decision: never called."""
+
+    async def call(
+        self, upstream: str, method: str, params: JsonObject, *, prefer_session: str | None = None
+    ) -> JsonObject:
+        raise AssertionError("a stopped process sends nothing")
+
+
+@pytest.mark.parametrize("decider", ["this host, gone", "another host, lease run out", "alive"])
+async def test_an_approval_whose_decider_stopped_is_released_once_by_another(
+    settings: Settings, decider: str
+) -> None:
+    """A approves and stops before releasing (its `_release` never runs): B's sweep releases the
+    call once — at once when A ran on this host, when A's lease ran out otherwise — and leaves it
+    alone while A lives."""
+    upstream = Upstream()
+    async with node(settings, upstream) as b:
+        async with node(settings, upstream) as a:
+            a.service._start_release = lambda approval: None  # type: ignore[method-assign]
+            admission = await a.service.admit(call(6), HELD)
+            assert admission.hold is not None
+            approval_id = admission.hold.approval_id
+            admission.hold.close()
+            if decider == "another host, lease run out":
+                lease = {"lease_owner": "elsewhere:1:dead", "lease_expires_at": time.time() - 1}
+                await a.store.transition(
+                    approval_id, from_=("pending",), to="approved", actor="bob", channel="api", **lease
+                )
+            else:
+                await a.service.decide(approval_id, BOB, approve=True, reason=None, channel="api")
+            if decider == "alive":
+                await b.service.expire_due()
+                approved = await b.service.get(approval_id)
+                assert approved is not None
+                assert approved.status == "approved"
+                assert upstream.calls == 0
+                return
+        await b.service.expire_due()
+        await b.service.expire_due()  # a second sweep (or another survivor's) sends nothing more
+        await b.service.settled()
+        released = await b.service.get(approval_id)
+    assert released is not None
+    assert released.status == "completed"
+    assert upstream.calls == 1

@@ -27,12 +27,16 @@ from approvals.outcomes import upstream_timeout
 from approvals.policy import Limit
 from approvals.tool_catalog import ToolCatalog, fingerprint
 
-__all__ = ["LEASE_GRACE_SECONDS", "Releasing"]
+__all__ = ["APPROVED_LEASE_SECONDS", "LEASE_GRACE_SECONDS", "Releasing"]
 
 log = logging.getLogger(__name__)
 
 # A lease outlives the call timeout by this much, so a live owner always finishes first.
 LEASE_GRACE_SECONDS = 60.0
+# How long an approval is left to the process that took the decision before another releases it
+# (sooner when that process is known gone: same host). A decider still waiting for rate-limit room
+# after this much is joined by another releaser; the compare-and-set lets one of them send it.
+APPROVED_LEASE_SECONDS = 60.0
 # How long a best-effort tasks/cancel to an upstream may take, after its task was given up on.
 UPSTREAM_CANCEL_SECONDS = 10.0
 _APPROVED: tuple[Status, ...] = ("approved",)
@@ -50,6 +54,7 @@ class Releasing:
     _catalog: ToolCatalog
     _arrivals: dict[str, Reservation]
     _release_locks: dict[str, asyncio.Lock]
+    _releasing: set[str]
     _limits_for: Callable[[str, str, Mapping[str, object]], Sequence[Limit]]
 
     if TYPE_CHECKING:  # provided by ApprovalService
@@ -78,11 +83,24 @@ class Releasing:
             response: JsonObject | None = None,
         ) -> None: ...
 
+    def _start_release(self, approval: Approval) -> None:
+        """Release `approval` in the background, unless this process is releasing it already."""
+        if approval.id in self._releasing:
+            return
+        self._releasing.add(approval.id)  # at once: a sweep running meanwhile must not start another
+        self._spawn(self._release(approval, self._catalog.mark()))
+
     async def _release(self, approval: Approval, decided_mark: int) -> None:
         """Forward an approved call exactly once, with exactly the stored arguments.
 
         `decided_mark` is the catalog's mark taken once the approval was decided.
         """
+        try:
+            await self._release_now(approval, decided_mark)
+        finally:
+            self._releasing.discard(approval.id)
+
+    async def _release_now(self, approval: Approval, decided_mark: int) -> None:
         arguments = approval.arguments
         reservation = await self._room_to_release(approval, arguments)
         if reservation is None:
@@ -230,7 +248,9 @@ class Releasing:
             log.warning("approval %s back to pending: %s", approval.id, note)
 
     async def _recover(self) -> None:
-        """Released calls whose owner stopped mid-call: ended as interrupted, never sent again.
+        """What stopped processes left behind. Released calls whose owner stopped mid-call are
+        ended as interrupted, never sent again; approvals whose decider stopped before releasing
+        them are released here (the compare-and-set keeps that to once, whoever else tries).
 
         An owner has stopped when its lease ran out, or — known at once — when it ran on this
         host and its process is gone (or is this process, started anew).
@@ -239,6 +259,19 @@ class Releasing:
         for approval in await self.store.interrupted_releases(math.inf):
             if approval.lease_owner == self.owner:
                 continue  # this process's own call in flight: its call timeout ends it
-            expired = approval.lease_expires_at is None or approval.lease_expires_at <= now
-            if expired or owner_gone(approval.lease_owner, self.owner):
+            if self._lease_over(approval, now):
                 await self._finish(approval, "released", "failed", reason="interrupted")
+        # All read before any is released: a release moves its record out of the pages being read.
+        approved: list[Approval] = []
+        while page := await self.store.list_approvals(status="approved", limit=1000, offset=len(approved)):
+            approved += page
+        for approval in approved:
+            # This process's own: released unless a release of it is running (one that failed,
+            # on a store error, is tried again here).
+            if approval.lease_owner == self.owner or self._lease_over(approval, now):
+                self._start_release(approval)
+
+    def _lease_over(self, approval: Approval, now: float) -> bool:
+        """Whether the process holding `approval` (its lease) is known to have stopped."""
+        expired = approval.lease_expires_at is None or approval.lease_expires_at <= now
+        return expired or owner_gone(approval.lease_owner, self.owner)

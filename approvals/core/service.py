@@ -47,7 +47,7 @@ from approvals.core.model import (
     sha256_of,
 )
 from approvals.core.ports import ApprovalStore, Change, ChangeFeed, Counters, UpstreamCaller
-from approvals.core.release import Releasing
+from approvals.core.release import APPROVED_LEASE_SECONDS, Releasing
 from approvals.errors import DecisionRefused, RefusalKind
 from approvals.jsonrpc import JsonObject
 from approvals.limits import LimitRefusal, Reservation
@@ -105,6 +105,7 @@ class ApprovalService(Releasing):
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._arrivals: dict[str, Reservation] = {}  # what each approval counted when it arrived
         self._release_locks: dict[str, asyncio.Lock] = {}
+        self._releasing: set[str] = set()  # approvals this process is releasing now
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         # When the expiry task looks next (-inf while it is finding out): an admission wakes it
@@ -141,14 +142,9 @@ class ApprovalService(Releasing):
             clock=clock,
         )
         LIVE_OWNERS.add(service.owner)
+        # Releases interrupted by a stop are ended; approvals whose decider stopped before
+        # releasing them (this process's earlier start, or a replica that died) are released now.
         await service._recover()
-        # Approved but never released (the process stopped right after the decision): release now.
-        # All read before any is released: a release moves its record out of the pages being read.
-        approved: list[Approval] = []
-        while page := await store.list_approvals(status="approved", limit=1000, offset=len(approved)):
-            approved += page
-        for approval in approved:
-            service._spawn(service._release(approval, catalog.mark()))
         if expire_on_clock:
             service._spawn(service._expire_forever(), name="approval-expiry")
         service._spawn(service._forget_finished(), name="approval-housekeeping")
@@ -296,6 +292,8 @@ class ApprovalService(Releasing):
         fields: dict[str, Any] = {"decided_at": now, "decided_by": reviewer.name, "decided_via": channel}
         if reason:
             fields["reason"] = reason
+        if approve:  # this process releases it; if it stops first, another one will (release.py)
+            fields.update(lease_owner=self.owner, lease_expires_at=now + APPROVED_LEASE_SECONDS)
         decided = await self._move(approval_id, _PENDING, to, actor=reviewer.name, channel=channel, **fields)
         if decided is None:
             current = await self.store.get_approval(approval_id)
@@ -303,7 +301,7 @@ class ApprovalService(Releasing):
             kind: RefusalKind = "expired" if current.status == "expired" else "already_decided"
             raise DecisionRefused(kind, render.already_decided(current), current)
         if approve:
-            self._spawn(self._release(decided, self._catalog.mark()))
+            self._start_release(decided)
         else:
             await self._settle(decided)
         return decided
