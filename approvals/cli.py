@@ -37,8 +37,10 @@ from approvals.config import (
     sha256_hex,
 )
 from approvals.core.model import STATUSES
-from approvals.errors import ApprovalsError, ConfigError
+from approvals.errors import ApprovalsError, ConfigError, StoreError
 from approvals.gatekeeper import check_policies
+from approvals.gateway_secret import gateway_secret
+from approvals.store.postgres import PostgresStore
 from approvals.web.app import create_app
 from approvals.web.inbox_auth import LINK_SECONDS, InboxAuth
 from approvals.web.keys import GATEKEEPER
@@ -104,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("token", help="print a new random token and its sha256 (for token_sha256 = ...)")
     link = commands.add_parser(
         "login-link",
-        help="print a one-time inbox login link (needs the gateway's APPROVALS_SESSION_SECRET)",
+        help="print a one-time inbox login link (signed with the gateway's secret: APPROVALS_SESSION_SECRET,"
+        " or the one kept in its PostgreSQL database)",
     )
     link.add_argument("reviewer", help="the name of a [[reviewers]] entry")
     link.add_argument(
@@ -260,9 +263,16 @@ def _supervise(settings: Settings, config: Path, workers: int, dev_tokens: dict[
 def _login_link(settings: Settings, name: str, url: str | None) -> None:
     """Print a link that logs `name` in to the inbox once, within ten minutes.
 
-    The link is signed with APPROVALS_SESSION_SECRET, so the running gateway must have the same one.
+    The link is signed with the gateway's secret: APPROVALS_SESSION_SECRET, or on PostgreSQL the one
+    the replicas keep in the database, so the running gateway must have the same one.
     """
     secret = settings.inbox.session_secret
+    if secret is None and settings.store.url is not None:
+        try:
+            secret = asyncio.run(_stored_secret(settings))
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
     if secret is None:
         print(
             f"error: login links need {SESSION_SECRET_ENV} set to the same value as the running gateway's",
@@ -284,6 +294,16 @@ def _login_link(settings: Settings, name: str, url: str | None) -> None:
     print(f"(for {reviewer.name}; it works once, for the next {minutes:.0f} minutes)", file=sys.stderr)
     if source:
         print(f"(the link uses {base}, {source}; --url names another)", file=sys.stderr)
+
+
+async def _stored_secret(settings: Settings) -> str | None:
+    """The secret the replicas keep in the database (made there if none has started yet)."""
+    assert settings.store.url is not None
+    store = await PostgresStore.open(settings.store.url)
+    try:
+        return await gateway_secret(settings, store)
+    finally:
+        await store.close()
 
 
 def _link_base(settings: Settings, url: str | None) -> tuple[str, str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import signal
 import socket
 import sys
@@ -32,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from approvals.config import SESSION_SECRET_ENV, Settings, environment_with
+from approvals.config import Settings, environment_with
 
 __all__ = ["READY", "Supervisor", "reserve_port", "serve_workers", "watch_supervisor"]
 
@@ -239,10 +238,9 @@ def serve_workers(
         reservation, port = reserve_port(server.host, server.port)
     except OSError as exc:
         return _refuse(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}")
+    # No secret to hand out: without APPROVALS_SESSION_SECRET the workers share the one kept in the
+    # database (approvals.gateway_secret), as replicas on other machines do.
     extra: dict[str, str] = {}
-    if settings.inbox.session_secret is None:
-        # One inbox key for all workers, so a reviewer's login works whichever one answers.
-        extra[SESSION_SECRET_ENV] = secrets.token_urlsafe(32)
 
     def ready() -> None:
         reservation.close()  # every worker listens: the port stays theirs

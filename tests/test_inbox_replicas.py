@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from approvals.config import sha256_hex
 from approvals.errors import StoreError
 from approvals.gateway_secret import gateway_secret as session_secret
 from approvals.store.memory import MemoryStore
@@ -29,6 +30,7 @@ from approvals.web.inbox_state import (
 from approvals.web.inbox_views import INBOX
 from tests.conftest import BOB_TOKEN, DEMO_COMMAND, WAIT, Running, StartGateway, settings_for
 from tests.inbox_kit import Reviewer, csrf_of
+from tests.test_cli import run_cli
 
 NOW = 1_700_000_000.0
 SECRET = "session-secret-0123456789abcdef0123456789"
@@ -290,3 +292,23 @@ async def test_while_sessions_cannot_be_checked_logins_answer_503_and_keep_the_l
     await asyncio.wait_for(state.next_refresh(), WAIT)
     assert (await reviewer.post("/inbox/login/link", data)).status == 303
     assert (await reviewer.get("/inbox")).status == 200
+
+
+async def test_login_link_command_signs_with_the_key_the_replicas_keep(
+    start_gateway: StartGateway, tmp_path: Path, postgres_url: str, http: aiohttp.ClientSession
+) -> None:
+    """`approvals login-link` with a database URL and no APPROVALS_SESSION_SECRET reads the key the
+    replicas keep in the database: the link it prints logs bob in on a running replica."""
+    a, _ = await replicas(start_gateway, tmp_path, postgres_url)
+    config = tmp_path / "cli.toml"
+    config.write_text(
+        f'[store]\nurl = "{postgres_url}"\n\n[upstreams.demo]\ncommand = ["true"]\n\n'
+        f'[[reviewers]]\nname = "bob"\ntoken_sha256 = "{sha256_hex(BOB_TOKEN)}"\n'
+    )
+    status, out, err = await run_cli(tmp_path, "login-link", "bob", "--config", str(config), "--url", a.base)
+    assert status == 0, err
+    link = out.strip().split("?t=", 1)[1]
+    on_a = Reviewer(a.base, http)
+    landing = await on_a.get(f"/inbox/login/link?t={link}")
+    assert landing.status == 200
+    assert (await on_a.post("/inbox/login/link", {"csrf": csrf_of(landing.text), "link": link})).status == 303
