@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from approvals import review_client, supervisor
+from approvals import cli_audit, review_client, supervisor
 from approvals.config import (
     MAX_WORKERS,
     MIN_TOKEN_LENGTH,
@@ -135,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     deny.add_argument("--reason", required=True, help="why (the agent is told)")
     for command in (listing, approve, deny):
         command.add_argument("--url", help=url_help)
+    cli_audit.add_parser(commands)
     return parser
 
 
@@ -200,6 +201,9 @@ def _one_shot(args: argparse.Namespace) -> None:
         print(f"token:  {token}\nsha256: {sha256_hex(token)}")
     elif args.command in ("list", "approve", "deny"):
         _review(args)
+    elif args.command == "audit":
+        if status := cli_audit.run(args):
+            sys.exit(status)
     elif args.command == "check":
         settings = _checked_settings(args.config)
         print(f"{args.config}: OK ({len(settings.upstreams)} upstream(s), {len(settings.grants)} grant(s))")

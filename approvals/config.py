@@ -35,6 +35,7 @@ _SLACK_SECRETS = ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN")
 _CLI_SECRETS = ("APPROVALS_TOKEN",)  # the reviewer token `approvals list|approve|deny` use
 # Signs the inbox's session cookies and login links: whoever holds it can log in as any reviewer.
 SESSION_SECRET_ENV = "APPROVALS_SESSION_SECRET"  # noqa: S105 -- the variable's name
+AUDIT_SECRET_ENV = "APPROVALS_AUDIT_WEBHOOK_SECRET"  # noqa: S105 -- [audit] webhook_secret_env's default
 MIN_SESSION_SECRET_LENGTH = 32
 MIN_TOKEN_LENGTH = 16
 T = TypeVar("T")
@@ -149,6 +150,15 @@ class InboxSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """[audit]: where the audit log is copied as it grows (approvals.audit_sink); nowhere by default."""
+
+    webhook_url: str | None = None
+    # From the variable `webhook_secret_env` names: the HMAC key of every delivery.
+    webhook_secret: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     source: Path
     server: ServerSettings
@@ -159,6 +169,7 @@ class Settings:
     reviewers: tuple[Principal, ...]
     slack: SlackSettings | None = None
     inbox: InboxSettings = InboxSettings()
+    audit: AuditSettings = AuditSettings()
 
 
 def sha256_hex(token: str) -> str:
@@ -457,7 +468,10 @@ def _child_env(r: _Reader, t: Mapping[str, Any], path: str, secrets: frozenset[s
 
 def _secret_names(data: Mapping[str, Any]) -> frozenset[str]:
     """The environment variables that hold the gateway's own secrets."""
-    names = {*_SLACK_SECRETS, *_CLI_SECRETS, SESSION_SECRET_ENV, "APPROVALS_DATABASE_URL"}
+    names = {*_SLACK_SECRETS, *_CLI_SECRETS, SESSION_SECRET_ENV, "APPROVALS_DATABASE_URL", AUDIT_SECRET_ENV}
+    audit = data.get("audit")
+    if isinstance(audit, dict) and isinstance(audit.get("webhook_secret_env"), str):
+        names.add(audit["webhook_secret_env"])
     for key in ("grants", "reviewers"):
         entries = data.get(key)
         for entry in entries if isinstance(entries, list) else ():
@@ -602,13 +616,31 @@ def _read_inbox(r: _Reader, data: Mapping[str, Any]) -> InboxSettings:
     return InboxSettings(session_hours=hours, session_secret=secret)
 
 
+MIN_AUDIT_SECRET_LENGTH = 32
+
+
+def _read_audit(r: _Reader, data: Mapping[str, Any]) -> AuditSettings:
+    t = r.table(data, "", "audit", {"webhook_url", "webhook_secret_env"})
+    url = r.get(t, "audit", "webhook_url", None, _http_url)
+    var = r.get(t, "audit", "webhook_secret_env", AUDIT_SECRET_ENV, _string)
+    if url is None:
+        return AuditSettings()
+    secret = r.env.get(var) or None
+    if secret is None or len(secret) < MIN_AUDIT_SECRET_LENGTH:
+        r.error(
+            "audit.webhook_secret_env",
+            f"environment variable {var} must hold the webhook's signing key, at least"
+            f" {MIN_AUDIT_SECRET_LENGTH} characters (`approvals token` makes one)",
+        )
+    return AuditSettings(webhook_url=url, webhook_secret=secret)
+
+
 def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]) -> Settings:
     """Validate parsed TOML; raise `ConfigError` listing every problem."""
     r = _Reader(env)
     base = source.parent
-    r.unknown(
-        data, "", {"server", "store", "approvals", "upstreams", "grants", "reviewers", "slack", "inbox"}
-    )
+    sections = {"server", "store", "approvals", "upstreams", "grants", "reviewers", "slack", "inbox", "audit"}
+    r.unknown(data, "", sections)
     server = _read_server(r, data)
     store_table = r.table(data, "", "store", {"path", "url"})
     store = StoreSettings(
@@ -645,6 +677,7 @@ def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]
     _check_principals(r, grants, reviewers)
     slack = _read_slack(r, data)
     inbox = _read_inbox(r, data)
+    audit = _read_audit(r, data)
     if r.issues:
         raise ConfigError(str(source), r.issues)
     return Settings(
@@ -657,6 +690,7 @@ def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]
         tuple(e.principal for e in reviewers),
         slack,
         inbox,
+        audit,
     )
 
 

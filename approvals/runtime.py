@@ -4,10 +4,12 @@
                             ─▶ store ─▶ change feed ─▶ gateway (upstream sessions, the UpstreamCaller)
                             ─▶ rate limits (in process; on PostgreSQL shared by every replica)
                             ─▶ tool catalog ─▶ approval service ─▶ gate
+                            ─▶ audit webhook sink (only when a webhook is given)
     Runtime.close()        ─▶ the same, in reverse
 
-Nothing here is ever None: every part exists once `open` returns, and the web side and channels
-are handed the parts they use (the service, the store as a port, the feed), never the runtime.
+Nothing here is ever None but the optional audit sink: every part exists once `open` returns, and
+the web side and channels are handed the parts they use (the service, the store as a port, the
+feed), never the runtime.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from approvals.audit_sink import AuditSink, WebhookTarget
 from approvals.config import Settings
 from approvals.core.feed import SharedFeed
 from approvals.core.ports import Store
@@ -51,6 +54,7 @@ class Runtime:
     service: ApprovalService
     gatekeeper: Gatekeeper
     secret: str | None  # the replicas' shared secret (approvals.gateway_secret); None: random per process
+    audit_sink: AuditSink | None = None
 
     @classmethod
     async def open(
@@ -60,8 +64,13 @@ class Runtime:
         clock: Callable[[], float] = time.time,
         watch_interval: float = WATCH_INTERVAL_SECONDS,
         poll_interval: float = POLL_SECONDS,
+        audit_webhook: WebhookTarget | None = None,
     ) -> Runtime:
-        """Every part, started; raises ConfigError (an invalid policy) before anything starts."""
+        """Every part, started; raises ConfigError (an invalid policy) before anything starts.
+
+        ``audit_webhook``: where to copy the audit log as it grows (``[audit] webhook_url``); none
+        by default.
+        """
         policies = PolicyBook.load(settings)
         store, feed = await open_store(settings, poll_interval)
         try:
@@ -92,13 +101,31 @@ class Runtime:
         )
         policies.start(watch_interval)
         gatekeeper = Gatekeeper(policies, limiter, catalog, service, clock)
-        return cls(settings, policies, store, feed, gateway, limiter, catalog, service, gatekeeper, secret)
+        sink = None
+        if audit_webhook is not None:
+            sink = AuditSink(store, audit_webhook, feed=feed, clock=clock, owner=service.owner)
+            sink.start()
+        return cls(
+            settings,
+            policies,
+            store,
+            feed,
+            gateway,
+            limiter,
+            catalog,
+            service,
+            gatekeeper,
+            secret,
+            audit_sink=sink,
+        )
 
     def drain(self) -> None:
         """First step of shutdown: held calls answer now, idle streams end."""
         self.gateway.drain()
 
     async def close(self) -> None:
+        if self.audit_sink is not None:
+            await self.audit_sink.close()
         await self.policies.close()
         await self.service.close()
         await self.gateway.close()

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from approvals import supervisor
+from approvals.store.sqlite import SqliteStore
 from tests.conftest import WAIT, mcp_client
 from tests.rawmcp import RawSession
 
@@ -434,3 +435,16 @@ async def test_supervisor_gives_up_on_workers_that_keep_dying() -> None:
     await workers.start()
     assert await asyncio.wait_for(workers.run(), WAIT) == 1
     assert len(workers.restarts) == supervisor.MAX_RESTARTS + 1
+
+
+async def test_audit_verify_and_export_are_commands(workdir: Path) -> None:
+    """`approvals audit verify|export` run from the command line: a store with no events yet is an
+    intact chain and an empty export; one that does not exist is exit 2 (it is never created)."""
+    status, out, err = await run_cli(workdir, "audit", "verify", "--config", "gateway.toml")
+    assert status == 2, (out, err)
+    store = await SqliteStore.open(workdir / "data" / "approvals.db")
+    await store.close()
+    status, out, err = await run_cli(workdir, "audit", "verify", "--config", "gateway.toml")
+    assert (status, out) == (0, "chain intact: 0 events\n"), err
+    status, out, err = await run_cli(workdir, "audit", "export", "--since", "7d", "--config", "gateway.toml")
+    assert (status, out) == (0, ""), err

@@ -662,3 +662,27 @@ def test_workers_and_internal_url_are_read_and_checked(config_dir: Path) -> None
             ("server.internal_url", "needs a PostgreSQL store"),
         ],
     )
+
+
+def test_audit_webhook_needs_an_http_url_and_a_signing_key(config_dir: Path) -> None:
+    """[audit] webhook_url is http(s); its key comes from the variable webhook_secret_env names
+    (APPROVALS_AUDIT_WEBHOOK_SECRET by default), 32 characters at least, and is withheld from stdio
+    upstreams like the gateway's other secrets."""
+    key = "k" * 32
+    assert load(config_dir, DEMO).audit.webhook_url is None
+    text = DEMO + '[audit]\nwebhook_url = "https://siem.example/hook"\nwebhook_secret_env = "SIEM_KEY"\n'
+    settings = load(config_dir, text, {"SIEM_KEY": key})
+    assert (settings.audit.webhook_url, settings.audit.webhook_secret) == ("https://siem.example/hook", key)
+    assert "SIEM_KEY" not in repr(settings.audit)
+    demo = settings.upstreams["demo"]
+    assert demo.env is None or "SIEM_KEY" not in demo.env
+    default = DEMO + '[audit]\nwebhook_url = "http://127.0.0.1:9/hook"\n'
+    assert load(config_dir, default, {"APPROVALS_AUDIT_WEBHOOK_SECRET": key}).audit.webhook_secret == key
+    assert_issues(
+        issues_of(config_dir, DEMO + '[audit]\nwebhook_url = "ftp://x"\n'),
+        [("audit.webhook_url", "must be an http:// or https:// URL")],
+    )
+    assert_issues(
+        issues_of(config_dir, default, {"APPROVALS_AUDIT_WEBHOOK_SECRET": "short"}),
+        [("audit.webhook_secret_env", "APPROVALS_AUDIT_WEBHOOK_SECRET must hold the webhook's signing key")],
+    )

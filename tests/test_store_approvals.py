@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from approvals.audit_chain import verify
 from approvals.core.model import (
     FINAL,
     RESULT_DROPPED_NOTE,
@@ -933,6 +934,10 @@ class ApprovalLifecycle(RuleBasedStateMachine):
                 assert after in TRANSITIONS.get(before, ())
             assert path[-1] == record.status
             assert path.count("released") <= 1
+        # Whatever raced, the log is one hash chain ending at the head, seqs dense from 1.
+        head = self._run(self._store.audit_head())
+        assert verify(every_event, head) is None
+        assert [e.seq for e in every_event] == list(range(1, head[0] + 1))
 
 
 class MemoryApprovalLifecycle(ApprovalLifecycle):

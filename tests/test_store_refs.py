@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from approvals.audit_chain import verify_log
 from approvals.errors import StoreError
 from approvals.store.sqlite import MIGRATIONS, SqliteStore
 from tests.test_store_approvals import NOW, created, make_approval
@@ -90,6 +91,17 @@ async def test_v2_database_migrates_to_the_latest_keeping_its_approvals(tmp_path
     finally:
         await old.close()
     with sqlite3.connect(path) as conn:  # back to what a v2 gateway left behind
+        conn.execute("DROP TABLE audit_sinks")  # v7
+        conn.execute("DROP TABLE audit_head")
+        conn.execute("DROP TRIGGER audit_no_update")
+        conn.execute("ALTER TABLE audit DROP COLUMN prev_hash")
+        conn.execute("ALTER TABLE audit DROP COLUMN hash")
+        conn.execute(
+            "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit"
+            " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
+        )
+        conn.execute("DROP TABLE used_login_links")  # v6
+        conn.execute("DROP TABLE ended_inbox_sessions")
         conn.execute("DROP TABLE message_refs")  # v3
         conn.execute("DROP INDEX approvals_pending_grant")  # v4
         conn.execute("DROP INDEX approvals_pending_expiry")
@@ -109,6 +121,7 @@ async def test_v2_database_migrates_to_the_latest_keeping_its_approvals(tmp_path
         assert {"approvals_pending_grant", "approvals_pending_expiry", "approvals_released_lease"} <= indexes
         assert "approvals_live_expiry" not in indexes
         assert await store.get_approval(approval.id) == approval
+        assert (await verify_log(store))[1] is None  # the audit rows written before v7 are chained
         await store.save_message_ref(approval.id, "slack", REF)
         assert await store.message_ref(approval.id, "slack") == REF
     finally:

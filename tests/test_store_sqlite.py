@@ -89,7 +89,7 @@ async def test_v5_database_gains_the_inbox_tables_which_outlive_a_reopen(tmp_pat
                 conn.execute(statement)
         conn.execute("PRAGMA user_version=5")
     first = await SqliteStore.open(path)
-    assert await first.schema_version() == len(MIGRATIONS) == 6
+    assert await first.schema_version() == len(MIGRATIONS) >= 6
     assert await first.use_login_link("nonce-1", 100.0)
     await first.end_inbox_session("session-1", 200.0)
     await first.close()

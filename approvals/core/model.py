@@ -138,6 +138,10 @@ class AuditEvent:
     channel: str
     args_sha256: str
     detail: str | None
+    # The hash chain (approvals.audit_chain): the hash of the event before this one, and this
+    # event's own hash over that and its fields. Empty only on an event not yet written.
+    prev_hash: str = ""
+    hash: str = ""
 
 
 # The note a store leaves on a record whose kept result it dropped after its keep window.

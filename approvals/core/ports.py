@@ -2,7 +2,9 @@
 ``approvals.store`` (SQLite, and an in-memory twin), ``approvals.proxy`` (the upstream caller) — and
 the core imports none of them.
 
-    ApprovalStore   approvals and their append-only audit log; every transition a compare-and-set
+    ApprovalStore   approvals and their append-only audit log (a hash chain); every transition a
+                    compare-and-set
+    AuditSinkStore  where each audit sink has delivered up to, and which process delivers it
     CounterStore    the durable home of rate-limit counters (written behind, absolute values)
     Counters        the rate limits themselves: an async, atomic reserve and its rollback
     UpstreamCaller  one request to an upstream, its JSON-RPC response
@@ -24,6 +26,7 @@ if TYPE_CHECKING:  # limits.py implements Counters and imports CounterStore from
 
 __all__ = [
     "ApprovalStore",
+    "AuditSinkStore",
     "Change",
     "ChangeFeed",
     "CounterRow",
@@ -200,6 +203,15 @@ class ApprovalStore(Protocol):
         """Append an event that is not a transition (e.g. "viewed", "notify_failed"), durably."""
         ...
 
+    async def audit_head(self) -> tuple[int, str]:
+        """The newest audit event's ``(seq, hash)``, ``(0, GENESIS)`` while the log is empty.
+
+        Every appended event is chained (:mod:`approvals.audit_chain`) in the transaction that
+        writes it: its seq is the head's plus one, its ``prev_hash`` the head's hash, and it
+        becomes the head. Appends from every process sharing the store are chained one at a time.
+        """
+        ...
+
     async def save_message_ref(self, approval_id: str, channel: str, ref_json: str) -> None:
         """Remember, durably, where ``channel`` posted its message about an existing approval.
 
@@ -214,11 +226,33 @@ class ApprovalStore(Protocol):
         ...
 
 
-class Store(CounterStore, ApprovalStore, Protocol):
+class AuditSinkStore(Protocol):
+    """Where an audit sink (:mod:`approvals.audit_sink`) has delivered up to, and the lease of the
+    one process delivering it, so processes sharing a store never send the same events together."""
+
+    async def claim_audit_sink(self, name: str, owner: str, now: float, lease_seconds: float) -> int | None:
+        """Take, renew or (when it ran out) take over the lease on sink ``name`` for ``owner``, until
+        ``now + lease_seconds``; the seq delivered up to (0 for a new sink), or None while another
+        owner's lease runs. Atomic: of two claims at once, one wins."""
+        ...
+
+    async def advance_audit_sink(
+        self, name: str, owner: str, seq: int, now: float, lease_seconds: float
+    ) -> bool:
+        """Record delivery up to ``seq`` (never moving back) and renew the lease, if ``owner`` still
+        holds it at ``now``; False (and nothing changed) when it does not."""
+        ...
+
+    async def release_audit_sink(self, name: str, owner: str) -> None:
+        """End ``owner``'s lease, if it holds it, so another process takes the sink over at once."""
+        ...
+
+
+class Store(CounterStore, ApprovalStore, AuditSinkStore, Protocol):
     """The whole store the app opens once and closes on shutdown.
 
-    Each concern is its own small protocol (``CounterStore``, ``ApprovalStore``) so a component
-    depends only on what it uses; ``Store`` is their union, which a backend implements.
+    Each concern is its own small protocol (``CounterStore``, ``ApprovalStore``, ``AuditSinkStore``)
+    so a component depends only on what it uses; ``Store`` is their union, which a backend implements.
     """
 
     async def close(self) -> None:

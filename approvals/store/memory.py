@@ -25,6 +25,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 
+from approvals.audit_chain import GENESIS, seal
 from approvals.core.model import (
     RESULT_DROPPED_NOTE,
     Approval,
@@ -50,7 +51,8 @@ class MemoryStore:
         self._counters: dict[tuple[str, str, int], float] = {}
         self._approvals: dict[str, Approval] = {}
         self._audit: list[AuditEvent] = []
-        self._seq = 0  # the last audit seq handed out; never reused
+        self._head: tuple[int, str] = (0, GENESIS)  # the newest audit event's (seq, hash)
+        self._sinks: dict[str, _SinkRow] = {}  # audit sink name → its cursor and lease
         self._refs: dict[tuple[str, str], str] = {}
         self._used_links: dict[str, float] = {}  # login link nonce → the link's expiry
         self._ended_sessions: dict[str, float] = {}  # inbox session id → its latest possible expiry
@@ -254,6 +256,38 @@ class MemoryStore:
             detail=detail,
         )
 
+    async def audit_head(self) -> tuple[int, str]:
+        """The newest audit event's (seq, hash); (0, GENESIS) while the log is empty."""
+        await _round_trip()
+        return self._head
+
+    async def claim_audit_sink(self, name: str, owner: str, now: float, lease_seconds: float) -> int | None:
+        """Take or keep the lease on a sink; the seq it delivered up to, or None if another holds it."""
+        await _round_trip()
+        row = self._sinks.setdefault(name, _SinkRow())
+        if row.owner not in (None, owner) and row.expires_at is not None and row.expires_at > now:
+            return None
+        row.owner, row.expires_at = owner, now + lease_seconds
+        return row.delivered_seq
+
+    async def advance_audit_sink(
+        self, name: str, owner: str, seq: int, now: float, lease_seconds: float
+    ) -> bool:
+        """Record a sink's delivery up to ``seq`` and extend its lease; False if the lease was lost."""
+        await _round_trip()
+        row = self._sinks.get(name)
+        if row is None or row.owner != owner or row.expires_at is None or row.expires_at <= now:
+            return False
+        row.delivered_seq, row.expires_at = max(row.delivered_seq, seq), now + lease_seconds
+        return True
+
+    async def release_audit_sink(self, name: str, owner: str) -> None:
+        """Give up a sink's lease, so another process takes it over at once."""
+        await _round_trip()
+        row = self._sinks.get(name)
+        if row is not None and row.owner == owner:
+            row.owner = row.expires_at = None
+
     async def save_message_ref(self, approval_id: str, channel: str, ref_json: str) -> None:
         """Remember where ``channel`` posted its message about the approval (replacing any earlier ref)."""
         await _round_trip()
@@ -327,8 +361,12 @@ class MemoryStore:
         args_sha256: str,
         detail: str | None,
     ) -> None:
-        self._seq += 1
-        self._audit.append(AuditEvent(self._seq, at, approval_id, event, actor, channel, args_sha256, detail))
+        seq, prev_hash = self._head
+        row = seal(
+            AuditEvent(seq + 1, at, approval_id, event, actor, channel, args_sha256, detail), prev_hash
+        )
+        self._audit.append(row)
+        self._head = (row.seq, row.hash)
 
     def _known(self, approval_id: str) -> None:
         # A database refuses the row by its foreign key; the same answer here.
@@ -348,6 +386,13 @@ class MemoryStore:
 
     def _count_pending(self, grant: str) -> int:
         return sum(1 for a in self._approvals.values() if a.status == "pending" and a.grant == grant)
+
+
+@dataclasses.dataclass(slots=True)
+class _SinkRow:
+    delivered_seq: int = 0
+    owner: str | None = None
+    expires_at: float | None = None
 
 
 def _still_answers(approval: Approval, now: float) -> bool:

@@ -14,6 +14,7 @@ together migrate once. Failures raise :class:`approvals.errors.StoreError`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from approvals.audit_chain import GENESIS, seal
 from approvals.core.model import (
     RESULT_DROPPED_NOTE,
     STATUSES,
@@ -111,11 +113,46 @@ MIGRATIONS: list[str] = [
     postgres_inbox.MIGRATION,
     postgres_replicas.MIGRATION,
     postgres_quota.MIGRATION,
+    # 5: the audit log becomes a hash chain (approvals.audit_chain). Every row keeps the hash of the
+    # one before and its own; the one-row head keeps the newest (seq, hash), and a writer locks it
+    # (FOR UPDATE) until commit, so inserts from every replica are chained one at a time and seqs
+    # are handed out, dense, in chain order. Rows already there are chained, in seq order, by
+    # _chain_unchained_audit in the same transaction. audit_sinks: each webhook sink's position and
+    # the lease of the replica delivering it. (empty() TRUNCATEs, which row triggers do not see.)
+    # The genesis hash (64 zeros) is spelled in SQL: a shipped migration never changes with the code.
+    """
+    ALTER TABLE audit ADD COLUMN prev_hash TEXT NOT NULL DEFAULT '', ADD COLUMN hash TEXT NOT NULL DEFAULT '';
+    CREATE TABLE audit_head (
+        singleton BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
+        seq       BIGINT NOT NULL,
+        hash      TEXT NOT NULL
+    );
+    INSERT INTO audit_head (seq, hash) VALUES (0, repeat('0', 64));
+    CREATE TABLE audit_sinks (
+        name             TEXT PRIMARY KEY,
+        delivered_seq    BIGINT NOT NULL DEFAULT 0,
+        lease_owner      TEXT,
+        lease_expires_at DOUBLE PRECISION
+    );
+    -- As on SQLite: rows are never changed or deleted, but for the chaining of rows that have no
+    -- hash yet (the rows of before this migration, chained right after it).
+    CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'UPDATE' AND OLD.hash = '' THEN
+            RETURN NEW;
+        END IF;
+        RAISE EXCEPTION 'the audit log is append-only';
+    END
+    $$;
+    CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
+        FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+    """,
 ]
+AUDIT_CHAIN_MIGRATION = 5  # its number: the migration that also chains the rows already there
 
 _COLUMN = {name: "grant_name" if name == "grant" else name for name in STORED_FIELDS}
 _SELECT = ", ".join(_COLUMN[name] for name in STORED_FIELDS)
-_AUDIT_COLUMNS = "seq, at, approval_id, event, actor, channel, args_sha256, detail"
+_AUDIT_COLUMNS = "seq, at, approval_id, event, actor, channel, args_sha256, detail, prev_hash, hash"
 _REUSABLE = (
     " WHERE grant_name = $1 AND upstream = $2 AND tool = $3 AND args_sha256 = $4"
     " AND (status IN ('pending', 'approved', 'released')"
@@ -163,9 +200,11 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         """Delete every row (tests sharing one database start each from nothing)."""
         async with self._connection("empty the database") as conn:
             tables = (
-                "approvals, audit, message_refs, counters, used_login_links, ended_inbox_sessions, rate_quota"
+                "approvals, audit, message_refs, counters, used_login_links, ended_inbox_sessions,"
+                " rate_quota, audit_sinks"
             )
             await conn.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+            await conn.execute("UPDATE audit_head SET seq = 0, hash = $1", GENESIS)
 
     async def schema_version(self) -> int:
         async with self._connection("read the schema version") as conn:
@@ -182,6 +221,8 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
                 for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
                     async with conn.transaction():
                         await conn.execute(script)
+                        if number == AUDIT_CHAIN_MIGRATION:
+                            await _chain_unchained_audit(conn)
                         await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", number)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
@@ -246,8 +287,10 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         marks = ", ".join(f"${n}" for n in range(1, len(STORED_FIELDS) + 1))
         values = [getattr(approval, name) for name in STORED_FIELDS]
         await conn.execute(f"INSERT INTO approvals ({_SELECT}) VALUES ({marks})", *values)  # noqa: S608
-        await self._audit(conn, approval.id, "created", actor, channel, approval.args_sha256, None)
+        # NOTIFY first: it is delivered at commit all the same, and the audit append, which locks
+        # the chain's head until then, comes last.
         await _notify(conn, approval.id, approval.version, "created")
+        await self._audit(conn, approval.id, "created", actor, channel, approval.args_sha256, None)
 
     async def get_approval(self, approval_id: str) -> Approval | None:
         async with self._connection("read an approval") as conn:
@@ -324,7 +367,8 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
                 return None
             moved = _approval(row)
             detail = fields.get("reason")
-            await self._audit(
+            await _notify(conn, approval_id, moved.version, event or to)  # delivered at commit
+            await self._audit(  # last: it holds the chain's head until commit
                 conn,
                 approval_id,
                 event or to,
@@ -333,7 +377,6 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
                 moved.args_sha256,
                 None if detail is None else str(detail),
             )
-            await _notify(conn, approval_id, moved.version, event or to)
         return moved
 
     async def update_fields(self, approval_id: str, **fields: object) -> None:
@@ -399,10 +442,7 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
                     after_seq,
                     limit,
                 )
-        return [
-            AuditEvent(int(r[0]), float(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6]), r[7])
-            for r in rows
-        ]
+        return [_audit_event(r) for r in rows]
 
     async def append_audit(
         self,
@@ -414,8 +454,62 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         args_sha256: str,
         detail: str | None = None,
     ) -> None:
-        async with self._connection("append to the audit log") as conn:
+        async with self._connection("append to the audit log") as conn, conn.transaction():
             await self._audit(conn, approval_id, event, actor, channel, args_sha256, detail)
+
+    async def audit_head(self) -> tuple[int, str]:
+        """The newest audit event's (seq, hash); (0, GENESIS) while the log is empty."""
+        async with self._connection("read the audit chain's head") as conn:
+            row = await conn.fetchrow("SELECT seq, hash FROM audit_head")
+        if row is None:
+            raise StoreError("the audit chain's head row is missing")
+        return int(row[0]), str(row[1])
+
+    async def claim_audit_sink(self, name: str, owner: str, now: float, lease_seconds: float) -> int | None:
+        """Take or keep the lease on a sink; the seq it delivered up to, or None if another holds it."""
+        async with self._connection("claim an audit sink") as conn:
+            # One statement: of two replicas claiming at once, one inserts or updates, the other
+            # finds the lease held and gets no row.
+            delivered = await conn.fetchval(
+                "INSERT INTO audit_sinks (name, delivered_seq, lease_owner, lease_expires_at)"
+                " VALUES ($1, 0, $2, $3)"
+                " ON CONFLICT (name) DO UPDATE SET lease_owner = excluded.lease_owner,"
+                " lease_expires_at = excluded.lease_expires_at"
+                " WHERE audit_sinks.lease_owner IS NULL OR audit_sinks.lease_owner = excluded.lease_owner"
+                " OR audit_sinks.lease_expires_at <= $4"
+                " RETURNING delivered_seq",
+                name,
+                owner,
+                now + lease_seconds,
+                now,
+            )
+        return None if delivered is None else int(delivered)
+
+    async def advance_audit_sink(
+        self, name: str, owner: str, seq: int, now: float, lease_seconds: float
+    ) -> bool:
+        """Record a sink's delivery up to ``seq`` and extend its lease; False if the lease was lost."""
+        async with self._connection("advance an audit sink") as conn:
+            done = await conn.execute(
+                "UPDATE audit_sinks SET delivered_seq = greatest(delivered_seq, $1), lease_expires_at = $2"
+                " WHERE name = $3 AND lease_owner = $4 AND lease_expires_at > $5",
+                seq,
+                now + lease_seconds,
+                name,
+                owner,
+                now,
+            )
+        return bool(done == "UPDATE 1")
+
+    async def release_audit_sink(self, name: str, owner: str) -> None:
+        """Give up a sink's lease, so another replica takes it over at once."""
+        async with self._connection("release an audit sink") as conn:
+            await conn.execute(
+                "UPDATE audit_sinks SET lease_owner = NULL, lease_expires_at = NULL"
+                " WHERE name = $1 AND lease_owner = $2",
+                name,
+                owner,
+            )
 
     async def save_message_ref(self, approval_id: str, channel: str, ref_json: str) -> None:
         async with self._connection("save a message ref") as conn:
@@ -448,16 +542,25 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         args_sha256: str,
         detail: str | None,
     ) -> None:
+        """Append one event, chained after the head, inside the caller's transaction.
+
+        The head stays locked until that transaction ends: callers append last, just before
+        commit, so other replicas wait for it as briefly as possible.
+        """
+        head = await conn.fetchrow("SELECT seq, hash FROM audit_head FOR UPDATE")
+        if head is None:
+            raise StoreError("the audit chain's head row is missing")
+        row = seal(
+            AuditEvent(
+                int(head[0]) + 1, self._clock(), approval_id, event, actor, channel, args_sha256, detail
+            ),
+            str(head[1]),
+        )
         await conn.execute(
-            "INSERT INTO audit (at, approval_id, event, actor, channel, args_sha256, detail)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            self._clock(),
-            approval_id,
-            event,
-            actor,
-            channel,
-            args_sha256,
-            detail,
+            f"WITH appended AS (INSERT INTO audit ({_AUDIT_COLUMNS})"  # noqa: S608
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10))"
+            " UPDATE audit_head SET seq = $1, hash = $10",
+            *dataclasses.astuple(row),
         )
 
     @asynccontextmanager
@@ -475,6 +578,30 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
 async def _notify(conn: asyncpg.Connection, approval_id: str, version: int, event: str) -> None:
     # Delivered when the transaction commits, never for one that rolls back.
     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{approval_id}:{version}:{event}")
+
+
+async def _chain_unchained_audit(conn: asyncpg.Connection, page: int = 1000) -> None:
+    """Chain the rows written before migration 5, in seq order, a page at a time (bounded memory)."""
+    head_seq, head_hash = 0, GENESIS
+    while rows := await conn.fetch(
+        f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",  # noqa: S608
+        head_seq,
+        page,
+    ):
+        sealed = []
+        for row in rows:
+            event = seal(_audit_event(row), head_hash)
+            sealed.append((event.prev_hash, event.hash, event.seq))
+            head_seq, head_hash = event.seq, event.hash
+        await conn.executemany("UPDATE audit SET prev_hash = $1, hash = $2 WHERE seq = $3", sealed)
+    await conn.execute("UPDATE audit_head SET seq = $1, hash = $2", head_seq, head_hash)
+
+
+def _audit_event(row: Any) -> AuditEvent:
+    return AuditEvent(
+        int(row[0]), float(row[1]), str(row[2]), str(row[3]), str(row[4]), str(row[5]), str(row[6]), row[7],
+        prev_hash=str(row[8]), hash=str(row[9]),
+    )  # fmt: skip
 
 
 def _check_new(approval: Approval) -> None:

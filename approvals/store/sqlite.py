@@ -43,7 +43,7 @@ from approvals.errors import StoreError
 from approvals.store import sqlite_approvals as q
 from approvals.store.sqlite_thread import SqliteThread
 
-__all__ = ["CHANGES_PAGE", "MIGRATIONS", "SqliteStore"]
+__all__ = ["AUDIT_CHAIN_VERSION", "CHANGES_PAGE", "MIGRATIONS", "SqliteStore"]
 
 # Audit events read per look by the change feed's poller (a burst is read over several looks).
 CHANGES_PAGE = 1000
@@ -84,7 +84,10 @@ MIGRATIONS: list[str] = [
     q.PENDING_INDEXES_SCHEMA,
     q.LEASES_SCHEMA,
     _V6_INBOX,
+    q.AUDIT_CHAIN_SCHEMA,
 ]
+# The version whose migration also chains the audit rows written before it (in Python: the hash).
+AUDIT_CHAIN_VERSION = 7
 T = TypeVar("T")
 
 
@@ -348,6 +351,30 @@ class SqliteStore:
             durable=True,
         )
 
+    async def audit_head(self) -> tuple[int, str]:
+        """The newest audit event's (seq, hash); (0, GENESIS) while the log is empty."""
+        return await self._read("read the audit chain's head", q.audit_head)
+
+    async def claim_audit_sink(self, name: str, owner: str, now: float, lease_seconds: float) -> int | None:
+        """Take or keep the lease on a sink; the seq it delivered up to, or None if another holds it."""
+        return await self._write(
+            "claim an audit sink", lambda conn: q.claim_audit_sink(conn, name, owner, now, lease_seconds)
+        )
+
+    async def advance_audit_sink(
+        self, name: str, owner: str, seq: int, now: float, lease_seconds: float
+    ) -> bool:
+        """Record a sink's delivery up to ``seq`` and extend its lease; False if the lease was lost."""
+        # Not durable: a power cut that undoes it makes the sink deliver those events again.
+        return await self._write(
+            "advance an audit sink",
+            lambda conn: q.advance_audit_sink(conn, name, owner, seq, now, lease_seconds),
+        )
+
+    async def release_audit_sink(self, name: str, owner: str) -> None:
+        """Give up a sink's lease, so another process takes it over at once."""
+        await self._write("release an audit sink", lambda conn: q.release_audit_sink(conn, name, owner))
+
     async def save_message_ref(self, approval_id: str, channel: str, ref_json: str) -> None:
         """Remember where ``channel`` posted its message about the approval (replacing any earlier ref)."""
         # Durable like the record it points at: after a crash or power cut the message can still be
@@ -482,6 +509,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
     for script in MIGRATIONS[current:]:
         for statement in split_statements(script):
             conn.execute(statement)
+    if current < AUDIT_CHAIN_VERSION <= known:
+        q.chain_unchained_audit(conn)
     if current < known:
         # PRAGMA takes no bound parameters; `known` is an int we computed.
         conn.execute(f"PRAGMA user_version={known:d}")

@@ -8,20 +8,27 @@ checks transitions and field names with the pure functions of ``records`` before
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
+from approvals.audit_chain import seal
 from approvals.core.model import STATUSES, STORED_FIELDS, Approval, AuditEvent, Status
 from approvals.errors import StoreError
 
 __all__ = [
     "APPROVALS_SCHEMA",
+    "AUDIT_CHAIN_SCHEMA",
     "LEASES_SCHEMA",
     "MESSAGE_REFS_SCHEMA",
     "PENDING_INDEXES_SCHEMA",
+    "advance_audit_sink",
     "audit_events",
+    "audit_head",
+    "chain_unchained_audit",
     "changes_after",
+    "claim_audit_sink",
     "count_pending",
     "drop_expired_results",
     "due_for_expiry",
@@ -34,6 +41,7 @@ __all__ = [
     "list_approvals",
     "message_ref",
     "next_expiry",
+    "release_audit_sink",
     "save_message_ref",
     "update_fields",
     "update_status",
@@ -154,6 +162,34 @@ ALTER TABLE approvals ADD COLUMN lease_expires_at REAL;
 CREATE INDEX approvals_released_lease ON approvals (lease_expires_at) WHERE status = 'released';
 """
 
+# Schema v7. The audit log becomes a hash chain (approvals.audit_chain): each row keeps the hash of
+# the one before and its own, and the one-row head keeps the newest (seq, hash), from which the
+# next row takes both. Rows written before v7 are chained by the migration (chain_unchained_audit),
+# the only update the trigger lets through: of a row that has no hash yet. audit_sinks is where a
+# webhook sink (approvals.audit_sink) keeps how far it delivered and which process holds it.
+# The genesis hash (64 zeros) is spelled in SQL: a shipped migration never changes with the code.
+AUDIT_CHAIN_SCHEMA = """
+ALTER TABLE audit ADD COLUMN prev_hash TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit ADD COLUMN hash TEXT NOT NULL DEFAULT '';
+CREATE TABLE audit_head (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+    seq       INTEGER NOT NULL,
+    hash      TEXT    NOT NULL
+) STRICT;
+INSERT INTO audit_head (singleton, seq, hash) VALUES (1, 0, hex(zeroblob(32)));
+DROP TRIGGER audit_no_update;
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit WHEN OLD.hash <> ''
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only');
+END;
+CREATE TABLE audit_sinks (
+    name             TEXT    PRIMARY KEY,
+    delivered_seq    INTEGER NOT NULL DEFAULT 0,
+    lease_owner      TEXT,
+    lease_expires_at REAL
+) STRICT, WITHOUT ROWID;
+"""
+
 _FIELDS: tuple[str, ...] = STORED_FIELDS
 _COLUMN: Mapping[str, str] = {name: "grant_name" if name == "grant" else name for name in _FIELDS}
 _SELECT = ", ".join(_COLUMN[name] for name in _FIELDS)
@@ -175,7 +211,7 @@ _REAL_FIELDS = frozenset(
 _EXPIRING = "status = 'pending'"  # spelled as in the partial indexes of v4, so they are used
 # Named: without statistics the planner prefers approvals_status_created and sorts every pending row.
 _BY_EXPIRY = "approvals INDEXED BY approvals_pending_expiry"
-_AUDIT_COLUMNS = "seq, at, approval_id, event, actor, channel, args_sha256, detail"
+_AUDIT_COLUMNS = "seq, at, approval_id, event, actor, channel, args_sha256, detail, prev_hash, hash"
 
 
 def insert_approval(conn: sqlite3.Connection, approval: Approval) -> None:
@@ -196,11 +232,108 @@ def insert_audit(
     args_sha256: str,
     detail: str | None,
 ) -> None:
-    """Append one audit event."""
+    """Append one audit event, chained after the head, and make it the head."""
+    head_seq, head_hash = audit_head(conn)
+    row = seal(
+        AuditEvent(head_seq + 1, at, approval_id, event, actor, channel, args_sha256, detail), head_hash
+    )
     conn.execute(
-        "INSERT INTO audit (at, approval_id, event, actor, channel, args_sha256, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (at, approval_id, event, actor, channel, args_sha256, detail),
+        f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+        dataclasses.astuple(row),
+    )
+    conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE singleton = 1", (row.seq, row.hash))
+
+
+def audit_head(conn: sqlite3.Connection) -> tuple[int, str]:
+    """The newest chained row's (seq, hash): (0, GENESIS) for an empty log."""
+    row = conn.execute("SELECT seq, hash FROM audit_head WHERE singleton = 1").fetchone()
+    if row is None:  # the v7 migration inserts it; without it no row could be chained
+        raise StoreError("the audit chain's head row is missing")
+    return int(row[0]), str(row[1])
+
+
+def chain_unchained_audit(conn: sqlite3.Connection, page: int = 1000) -> int:
+    """Chain the rows written before the chain existed, in seq order, after the head; how many.
+
+    Run once, by the migration to v7, in its transaction; a page at a time, so a long log is never
+    held in memory whole.
+    """
+    chained = 0
+    head_seq, head_hash = audit_head(conn)
+    while rows := _rows_without_hash(conn, head_seq, page):
+        for event in rows:
+            sealed = seal(event, head_hash)
+            conn.execute(
+                "UPDATE audit SET prev_hash = ?, hash = ? WHERE seq = ?",
+                (sealed.prev_hash, sealed.hash, sealed.seq),
+            )
+            head_seq, head_hash = sealed.seq, sealed.hash
+            chained += 1
+    conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE singleton = 1", (head_seq, head_hash))
+    return chained
+
+
+def _rows_without_hash(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[AuditEvent]:
+    """Rows after ``after_seq`` that have no hash yet, oldest first."""
+    rows = _fetch(
+        conn,
+        f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE seq > ? AND hash = '' ORDER BY seq LIMIT ?",  # noqa: S608
+        (after_seq, limit),
+    )
+    return [_audit_event(row) for row in rows]
+
+
+def claim_audit_sink(
+    conn: sqlite3.Connection, name: str, owner: str, now: float, lease_seconds: float
+) -> int | None:
+    """Take (or keep) the lease on sink ``name`` for ``owner``: how far it delivered, or None when
+    another owner's lease is still running."""
+    rows = _fetch(
+        conn,
+        "INSERT INTO audit_sinks (name, delivered_seq, lease_owner, lease_expires_at) VALUES (?, 0, ?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET lease_owner = excluded.lease_owner,"
+        " lease_expires_at = excluded.lease_expires_at"
+        " WHERE lease_owner IS NULL OR lease_owner = excluded.lease_owner OR lease_expires_at <= ?"
+        " RETURNING delivered_seq",
+        (name, owner, now + lease_seconds, now),
+    )
+    return int(rows[0][0]) if rows else None
+
+
+def advance_audit_sink(
+    conn: sqlite3.Connection, name: str, owner: str, seq: int, now: float, lease_seconds: float
+) -> bool:
+    """Record delivery up to ``seq`` and extend the lease, if ``owner`` still holds it."""
+    cursor = conn.execute(
+        "UPDATE audit_sinks SET delivered_seq = max(delivered_seq, ?), lease_expires_at = ?"
+        " WHERE name = ? AND lease_owner = ? AND lease_expires_at > ?",
+        (seq, now + lease_seconds, name, owner, now),
+    )
+    return cursor.rowcount == 1
+
+
+def release_audit_sink(conn: sqlite3.Connection, name: str, owner: str) -> None:
+    """Give the lease up (shutdown), so another process takes the sink over at once."""
+    conn.execute(
+        "UPDATE audit_sinks SET lease_owner = NULL, lease_expires_at = NULL"
+        " WHERE name = ? AND lease_owner = ?",
+        (name, owner),
+    )
+
+
+def _audit_event(row: Any) -> AuditEvent:
+    seq, at, approval, event, actor, channel, digest, detail, prev_hash, own_hash = row
+    return AuditEvent(
+        seq=int(seq),
+        at=float(at),
+        approval_id=str(approval),
+        event=str(event),
+        actor=str(actor),
+        channel=str(channel),
+        args_sha256=str(digest),
+        detail=None if detail is None else str(detail),
+        prev_hash=str(prev_hash),
+        hash=str(own_hash),
     )
 
 
@@ -340,20 +473,7 @@ def audit_events(
     else:
         sql = f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE approval_id = ? AND seq > ? ORDER BY seq LIMIT ?"  # noqa: S608
         params = (approval_id, after_seq, limit)
-    rows = _fetch(conn, sql, params)
-    return [
-        AuditEvent(
-            seq=int(seq),
-            at=float(at),
-            approval_id=str(approval),
-            event=str(event),
-            actor=str(actor),
-            channel=str(channel),
-            args_sha256=str(digest),
-            detail=None if detail is None else str(detail),
-        )
-        for seq, at, approval, event, actor, channel, digest, detail in rows
-    ]
+    return [_audit_event(row) for row in _fetch(conn, sql, params)]
 
 
 def save_message_ref(conn: sqlite3.Connection, approval_id: str, channel: str, ref_json: str) -> None:

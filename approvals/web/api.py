@@ -4,7 +4,7 @@
     GET  /api/approvals/{id}
     POST /api/approvals/{id}/approve   {"reason": "…"} optional
     POST /api/approvals/{id}/deny      {"reason": "…"}
-    GET  /api/audit?approval_id=&after=&limit=
+    GET  /api/audit?approval_id=&after=&limit=   oldest first, each event with its chain hashes
 
 `Authorization: Bearer <reviewer token>`. 401 without a known token, 403 for a token that is not a
 reviewer's and for a reviewer deciding their own agent's call, 404 unknown id, 409 already decided
@@ -22,10 +22,11 @@ from typing import Any
 
 from aiohttp import web
 
+from approvals.audit_chain import event_record
 from approvals.auth import TokenIndex, bearer_token, is_utf8
 from approvals.config import Principal
 from approvals.core import render
-from approvals.core.model import STATUSES, Approval, AuditEvent
+from approvals.core.model import STATUSES, Approval
 from approvals.core.service import ApprovalService
 from approvals.errors import DecisionRefused, RefusalKind, StoreError
 from approvals.jsonrpc import JsonInputError, decode_bytes
@@ -62,19 +63,6 @@ def approval_json(approval: Approval) -> dict[str, Any]:
         "note": approval.note,
     }
     return record
-
-
-def _event_json(event: AuditEvent) -> dict[str, Any]:
-    return {
-        "seq": event.seq,
-        "at": event.at,
-        "approval_id": event.approval_id,
-        "event": event.event,
-        "actor": event.actor,
-        "channel": event.channel,
-        "args_sha256": event.args_sha256,
-        "detail": event.detail,
-    }
 
 
 def _error(http_status: int, message: str, **extra: Any) -> web.Response:
@@ -251,7 +239,7 @@ async def audit(request: web.Request) -> web.Response:
         after_seq=_int_param(request, "after", 0, 0, 2**62),
         limit=_int_param(request, "limit", 100, 1, 1000),
     )
-    return web.json_response({"events": [_event_json(e) for e in events]})
+    return web.json_response({"events": [event_record(e) for e in events]})
 
 
 @web.middleware

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from approvals.audit_sink import WebhookTarget
 from approvals.auth import TokenIndex
 from approvals.channels import Channel, Channels, slack
 from approvals.config import Settings
@@ -35,14 +36,24 @@ async def create_app(
     clock: Callable[[], float] = time.time,
     watch_interval: float = WATCH_INTERVAL_SECONDS,
     poll_interval: float = POLL_SECONDS,
+    audit_webhook: WebhookTarget | None = None,
 ) -> web.Application:
     """The gateway application for `settings`, every part already started (closed on cleanup).
 
     `gate` replaces the policies and limits in front of the upstreams (the proxy's own tests).
-    Raises ConfigError when a policy file is invalid, before anything starts.
+    Raises ConfigError when a policy file is invalid, before anything starts. `audit_webhook`
+    copies the audit log to a webhook as it grows (approvals.audit_sink); by default, the one
+    `[audit] webhook_url` names.
     """
+    if audit_webhook is None and settings.audit.webhook_url is not None:
+        assert settings.audit.webhook_secret is not None  # the config refuses a URL without one
+        audit_webhook = WebhookTarget(settings.audit.webhook_url, settings.audit.webhook_secret)
     runtime = await Runtime.open(
-        settings, clock=clock, watch_interval=watch_interval, poll_interval=poll_interval
+        settings,
+        clock=clock,
+        watch_interval=watch_interval,
+        poll_interval=poll_interval,
+        audit_webhook=audit_webhook,
     )
     try:
         inbox_auth = await inbox.open_auth(settings, runtime.store, runtime.secret, clock)
