@@ -1,7 +1,8 @@
 """An MCP server (the SDK's MCPServer, which serves both protocol eras) with the fixtures the official
 conformance suite's server scenarios call: ``test_*`` tools, ``test://`` resources and prompts.
 
-    python tests/conformance_upstream.py    # Streamable HTTP on 127.0.0.1, prints "LISTENING <port>"
+    python tests/conformance_upstream.py            # Streamable HTTP on 127.0.0.1, prints "LISTENING <port>"
+    python tests/conformance_upstream.py --stdio    # stdio
 
 The fixtures follow the suite's scenario descriptions: content types, errors, progress, logging,
 resources, prompts, completion, server-to-client sampling and elicitation (initialize era) and the
@@ -16,6 +17,7 @@ import base64
 import contextlib
 import json
 import socket
+import sys
 from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -273,4 +275,7 @@ async def _serve_http() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve_http())
+    if "--stdio" in sys.argv:
+        server.run("stdio")
+    else:
+        asyncio.run(_serve_http())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from multidict import CIMultiDict
 from approvals.proxy.keys import GATEWAY
 from tests.approvals_kit import start_held
 from tests.conftest import DEMO_COMMAND, PROBE_COMMAND, TOKEN_A, WAIT, Running, StartGateway, mcp_client
+from tests.modern_kit import modern_headers, modern_request
 from tests.rawmcp import ACCEPT
 from tests.upstreams import TIME_SERVER_COMMAND
 
@@ -509,3 +511,32 @@ async def test_get_and_delete_of_2026_with_a_stray_session_id_are_not_allowed(
     headers = {**_headers("tools/list"), "Accept": "text/event-stream", "Mcp-Session-Id": "made-up"}
     async with http.request(method, demo.url("demo"), headers=headers) as response:
         assert (response.status, response.headers.get("Allow")) == (405, "POST")
+
+
+async def test_concurrent_calls_with_one_progress_token_each_get_their_own_progress(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """Two stateless calls of one grant share the pooled upstream session (stdio: progress is routed
+    by its token alone) and both chose progress token "p": each stream gets its own three progress
+    events, under "p", and its own answer."""
+    (tmp_path / "policy.json").write_text('{"version": "1", "default": "allow"}')
+    command = [sys.executable, str(Path(__file__).parent / "conformance_upstream.py"), "--stdio"]
+    async with aiohttp.ClientSession() as http:
+        running = await start_gateway({"up": {"command": command, "policy": "policy.json"}})
+
+        async def progress_call(request_id: int) -> list[dict[str, Any]]:
+            meta = {**ENVELOPE, "progressToken": "p"}
+            params = {"name": "test_tool_with_progress", "arguments": {}, "_meta": meta}
+            body = modern_request("tools/call", params, request_id)
+            headers = modern_headers(body)
+            async with http.post(running.url("up"), data=json.dumps(body), headers=headers) as answer:
+                lines = (await answer.text()).splitlines()
+            return [json.loads(line[5:]) for line in lines if line.startswith("data:") and line[5:].strip()]
+
+        first, second = await asyncio.gather(progress_call(1), progress_call(2))
+    for request_id, events in ((1, first), (2, second)):
+        progress = [e for e in events if e.get("method") == "notifications/progress"]
+        assert [e["params"]["progressToken"] for e in progress] == ["p"] * 3, events
+        assert [e["params"]["progress"] for e in progress] == [0, 50, 100]
+        assert events[-1]["id"] == request_id
+        assert events[-1]["result"]["content"][0]["text"] == "Progress test completed"

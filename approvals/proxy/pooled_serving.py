@@ -10,6 +10,7 @@ a request cannot reach it (`session.refuse_upstream_request`); see stateless.py.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable
 
 from aiohttp import web
@@ -121,8 +122,27 @@ async def serve(
     pooled = await acquire(request, grant, upstream)
     if isinstance(pooled, str):
         return unavailable(message.id, pooled), error_response(message.id, UPSTREAM_UNAVAILABLE, pooled)
-    exchange = pooled.session.forward_request(message, upstream_body(body))
-    return await relay(request, pooled.session, exchange, message.method or "", transform)
+    sent, client_token = own_progress_token(upstream_body(body))
+    exchange = pooled.session.forward_request(message, sent)
+    return await relay(request, pooled.session, exchange, message.method or "", transform, client_token)
+
+
+def own_progress_token(body: JsonObject) -> tuple[JsonObject, str | int | None]:
+    """`body` with a progress token of the gateway's own, and the client's token it replaces.
+
+    A pooled upstream session carries the requests of every stateless client of a grant, and their
+    progress tokens are theirs to choose: two concurrent requests with the same token would get each
+    other's progress. Each request goes up with a token unique in the session; its progress comes
+    back with the client's.
+    """
+    params = body.get("params")
+    if not isinstance(params, dict) or not isinstance(meta := params.get("_meta"), dict):
+        return body, None
+    token = meta.get("progressToken")
+    if not isinstance(token, str | int) or isinstance(token, bool):
+        return body, None  # none asked for (a malformed one was refused before this)
+    own = f"approvals-{secrets.token_urlsafe(12)}"
+    return {**body, "params": {**params, "_meta": {**meta, "progressToken": own}}}, token
 
 
 def upstream_body(body: JsonObject) -> JsonObject:
@@ -149,8 +169,10 @@ async def relay(
     exchange: Exchange,
     method: str,
     transform: Callable[[JsonObject], JsonObject] | None,
+    client_token: str | int | None = None,
 ) -> tuple[web.StreamResponse, JsonObject | None]:
     """The upstream's answer as JSON, or as the last event of an SSE stream once progress came first.
+    Progress goes out with `client_token`, the token the client chose (`own_progress_token`).
 
     Only progress for this request is relayed: logging needs the client's opt-in, and list changes
     belong to `subscriptions/listen`. Requests from the upstream are answered here
@@ -173,6 +195,9 @@ async def relay(
                 if stream is None:
                     stream = web.StreamResponse(headers=SSE_HEADERS)
                     await stream.prepare(request)
+                progress = message.get("params")
+                if client_token is not None and isinstance(progress, dict):
+                    message = {**message, "params": {**progress, "progressToken": client_token}}
                 await stream.write(encode_event(encode(message)))
                 continue
             answer = as_modern(transform(message) if transform is not None else message, method)
