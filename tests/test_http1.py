@@ -453,13 +453,16 @@ async def test_http1_has_no_read_timeout_of_its_own(pool: Pool) -> None:
 # ---- the A/B switch: [server] upstream_client ---------------------------------------------------
 
 SMALL_LIMIT = 64 * 1024  # server.max_body_bytes in the switch tests
-AGENTS = web.AppKey("agents", set[str])  # the User-Agent headers the upstream saw
+# The User-Agent headers of the calls the upstream saw (the hot path the switch picks the client of;
+# the gateway's one-off asks, such as which protocol eras the upstream speaks, use aiohttp's).
+AGENTS = web.AppKey("agents", set[str])
 
 
 async def _tiny_upstream(request: web.Request) -> web.StreamResponse:
     """An MCP server whose `echo` answers `size` bytes of text, as JSON or (form=sse) as CRLF SSE."""
     message = await request.json()
-    request.app[AGENTS].add(request.headers.get("User-Agent", ""))
+    if message.get("method") == "tools/call":
+        request.app[AGENTS].add(request.headers.get("User-Agent", ""))
     if "id" not in message:
         return web.Response(status=202)
     method, params = message["method"], message.get("params", {})
