@@ -4,15 +4,18 @@
     GET  /inbox/events                   their live feed (server-sent events), same filters or ?id=
     GET  /inbox/approvals/{id}           one approval in full; POST …/approve, …/deny (reason)
     GET  /inbox/history                  decided approvals; .csv and .json export the same search
+    GET  /inbox/stats                    the reviewer dashboard (?days=7|30): figures and SVG charts
     GET  /inbox/login, POST /inbox/login a reviewer's token → a session cookie; POST /inbox/logout
     GET  /inbox/login/link?t=…           a one-time link from `approvals login-link REVIEWER`
-    GET  /inbox/static/…                 inbox.css, inbox.js
+    GET  /inbox/static/…                 inbox.css, inbox.js, stats.css
 
 Modules: inbox_auth (sessions, CSRF, Origin), inbox_state (what replicas share: used links, ended
 sessions, the key), inbox_login (login, links, logout), inbox_views (pages and decisions),
-inbox_history (history and exports), inbox_format (what is shown, pure), live (the live feed
-channel). Every /inbox response carries a strict Content-Security-Policy (no inline
-script or style) and the other security headers; see inbox_views.security_headers.
+inbox_viewed (the `viewed` event), inbox_history (history and exports), inbox_dashboard (the
+dashboard's page and its bounded reads), inbox_stats and inbox_charts (its figures and charts,
+pure), inbox_format (what is shown, pure), live (the live feed channel). Every /inbox response
+carries a strict Content-Security-Policy (no inline script or style) and the other security
+headers; see inbox_views.security_headers.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from aiohttp import web
 from approvals.auth import TokenIndex
 from approvals.config import Settings
 from approvals.core.service import ApprovalService
+from approvals.web import inbox_charts, inbox_dashboard, inbox_history, inbox_login, inbox_views
 from approvals.web import inbox_format as fmt
-from approvals.web import inbox_history, inbox_login, inbox_views
 from approvals.web.inbox_auth import InboxAuth
 from approvals.web.inbox_state import InboxState, InboxStateStore
+from approvals.web.inbox_viewed import ViewLog
 from approvals.web.live import LiveFeed
 
 HERE = Path(__file__).parent
@@ -53,6 +57,8 @@ def templates() -> jinja2.Environment:
         iso_machine=fmt.iso_machine,
         pretty_json=fmt.pretty_json,
         json_tokens=fmt.json_tokens,
+        percent=inbox_charts.percent,
+        seconds=inbox_charts.seconds,
     )
     return env
 
@@ -80,6 +86,7 @@ def setup(app: web.Application, settings: Settings, service: ApprovalService, au
         templates=templates(),
         reviewers=TokenIndex(settings.reviewers),
         grants=TokenIndex(settings.grants),
+        views=ViewLog(service.store),
     )
     app.on_response_prepare.append(inbox_views.on_prepare)
     app.on_shutdown.append(feed.close)
@@ -97,5 +104,6 @@ def setup(app: web.Application, settings: Settings, service: ApprovalService, au
     add.add_get("/inbox/history", inbox_history.history)
     add.add_get("/inbox/history.csv", inbox_history.history_csv)
     add.add_get("/inbox/history.json", inbox_history.history_json)
+    add.add_get("/inbox/stats", inbox_dashboard.stats_page)
     add.add_static("/inbox/static", HERE / "static", append_version=False)
     return feed

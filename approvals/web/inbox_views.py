@@ -29,6 +29,7 @@ from approvals.web import inbox_auth as auth
 from approvals.web import inbox_format as fmt
 from approvals.web.api import REFUSAL_STATUS
 from approvals.web.inbox_auth import InboxAuth, Session
+from approvals.web.inbox_viewed import ViewLog
 from approvals.web.live import Filters, LiveFeed
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 MAX_REASON = render.MAX_REASON_CHARS  # the form's maxlength stops typing at it; longer is cut
 LIST_LIMIT = 200
 COUNT_LIMIT = 500
-VIEW_AGAIN_SECONDS = 600.0  # a reviewer re-opening a page within this is not logged as a new view
 SESSION_KEY = web.RequestKey("inbox_session", Session)
 Form = MultiDictProxy[str | bytes | Any] | MultiDict[str]
 
@@ -52,6 +52,7 @@ class Inbox:
     templates: jinja2.Environment
     reviewers: TokenIndex
     grants: TokenIndex
+    views: ViewLog
 
     def now(self) -> float:
         return self.service.clock()
@@ -247,19 +248,8 @@ async def _detail(request: web.Request, inbox: Inbox, session: Session, form: Fo
     approval = await inbox.store.get_approval(request.match_info["id"])
     if approval is None:
         return inbox.error(request, 404, "Not found", "There is no approval with this id.")
-    await _note_view(inbox, approval, session)
+    await inbox.views.note(approval, session.reviewer.name)
     return await _detail_page(request, inbox, session, approval, done=request.query.get("done"))
-
-
-async def _note_view(inbox: Inbox, approval: Approval, session: Session) -> None:
-    """Log the view ("who else has looked"), once per reviewer per ten minutes."""
-    name, now = session.reviewer.name, inbox.now()
-    recent = await inbox.store.audit_events(approval_id=approval.id, limit=1000)
-    if any(e.event == "viewed" and e.actor == name and now - e.at < VIEW_AGAIN_SECONDS for e in recent):
-        return
-    await inbox.store.append_audit(
-        approval.id, "viewed", actor=name, channel="web", args_sha256=approval.args_sha256
-    )
 
 
 async def detail_item(inbox: Inbox, approval: Approval) -> dict[str, Any]:
