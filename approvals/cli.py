@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from approvals import cli_audit, review_client, supervisor
+from approvals import cli_audit, cli_policy, review_client, supervisor
 from approvals.config import (
     MAX_WORKERS,
     MIN_TOKEN_LENGTH,
@@ -136,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     for command in (listing, approve, deny):
         command.add_argument("--url", help=url_help)
     cli_audit.add_parser(commands)
+    cli_policy.add_parser(commands)
     return parser
 
 
@@ -203,6 +204,9 @@ def _one_shot(args: argparse.Namespace) -> None:
         _review(args)
     elif args.command == "audit":
         if status := cli_audit.run(args):
+            sys.exit(status)
+    elif args.command == "policy":
+        if status := cli_policy.run(args):
             sys.exit(status)
     elif args.command == "check":
         settings = _checked_settings(args.config)

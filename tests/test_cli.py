@@ -448,3 +448,18 @@ async def test_audit_verify_and_export_are_commands(workdir: Path) -> None:
     assert (status, out) == (0, "chain intact: 0 events\n"), err
     status, out, err = await run_cli(workdir, "audit", "export", "--since", "7d", "--config", "gateway.toml")
     assert (status, out) == (0, ""), err
+
+
+async def test_policy_replay_is_a_command(workdir: Path) -> None:
+    """`approvals policy replay` runs from the command line: with no history recorded yet (no store
+    file, which it never creates) it exits 2 saying so; on an empty store it reports no calls."""
+    args = ("policy", "replay", "--policy", "policy.json", "--since", "7d", "--config", "gateway.toml")
+    status, _, err = await run_cli(workdir, *args)
+    assert status == 2
+    assert "no history" in err
+    assert not (workdir / "data" / "approvals.db").exists()
+    store = await SqliteStore.open(workdir / "data" / "approvals.db")
+    await store.close()
+    status, out, err = await run_cli(workdir, *args, "--format", "json")
+    assert status == 0, err
+    assert json.loads(out)["calls"] == 0
