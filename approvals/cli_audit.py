@@ -19,19 +19,17 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from approvals.audit_chain import AuditLog, event_record, read_log, verify_log
+from approvals.audit_chain import event_record, read_log, verify_log
 from approvals.config import Settings, load_settings
 from approvals.durations import parse_duration
-from approvals.errors import ApprovalsError, StoreError
-from approvals.store.postgres import PostgresStore
-from approvals.store.sqlite import SqliteStore
+from approvals.errors import ApprovalsError
+from approvals.store.reading import existing_store
 
 __all__ = [
     "EXIT_BROKEN",
@@ -120,7 +118,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
 async def verify(settings: Settings, out: TextIO) -> int:
     """Print whether the chain holds; 0 when it does, EXIT_BROKEN naming the first broken link."""
-    async with _opened(settings) as log:
+    async with existing_store(settings, "audit log") as log:
         count, broken = await verify_log(log)
     if broken is not None:
         print(f"audit chain broken at {broken} ({count} events before it hold)", file=out)
@@ -131,26 +129,9 @@ async def verify(settings: Settings, out: TextIO) -> int:
 
 async def export(settings: Settings, since: Since, out: TextIO) -> int:
     """Print the events from ``since`` on, one JSON object a line; 0."""
-    async with _opened(settings) as log:
+    async with existing_store(settings, "audit log") as log:
         async for event in read_log(log, after_seq=since.seq - 1):
             if since.at is None or event.at >= since.at:
                 out.write(json.dumps(event_record(event), separators=(",", ":")) + "\n")
     out.flush()
     return 0
-
-
-@asynccontextmanager
-async def _opened(settings: Settings) -> AsyncIterator[AuditLog]:
-    """The store the config names, for reading; a missing SQLite file is an error, not a new log."""
-    store: SqliteStore | PostgresStore
-    if settings.store.url is not None:
-        store = await PostgresStore.open(settings.store.url, max_connections=2)
-    else:
-        path = settings.store.path
-        if not path.is_file():
-            raise StoreError(f"no audit log at {path}: the gateway creates it on its first start")
-        store = await SqliteStore.open(path)
-    try:
-        yield store
-    finally:
-        await store.close()

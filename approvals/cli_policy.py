@@ -21,8 +21,7 @@ import json
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,17 +29,15 @@ from approvals.cli_audit import parse_since
 from approvals.config import Settings, load_settings
 from approvals.core import render
 from approvals.core.model import Approval
-from approvals.errors import ApprovalsError, StoreError
+from approvals.errors import ApprovalsError
 from approvals.policy_files import read_policy
 from approvals.replay import NOT_RECORDED, OUTCOMES, Replay, arguments_of, replay
-from approvals.store.postgres import PostgresStore
-from approvals.store.sqlite import SqliteStore
+from approvals.store.reading import existing_store
 from approvals.web.inbox_format import iso, iso_machine
 
 __all__ = [
     "EXIT_TROUBLE",
     "add_parser",
-    "existing_store",
     "main",
     "read_history",
     "report_json",
@@ -136,27 +133,6 @@ async def read_history(settings: Settings, since: float, upstream: str | None) -
                 break  # newest first: the rest are older still
             offset += PAGE
     return list(found.values())
-
-
-@asynccontextmanager
-async def existing_store(settings: Settings, what: str) -> AsyncIterator[SqliteStore | PostgresStore]:
-    """The store the config names, opened for a command to read (the gateway need not run).
-
-    A missing SQLite file is a StoreError ("no {what} at PATH"), not a new, empty store made by
-    the reading. (`approvals audit` opens its store the same way.)
-    """
-    store: SqliteStore | PostgresStore
-    if settings.store.url is not None:
-        store = await PostgresStore.open(settings.store.url, max_connections=2)
-    else:
-        path = settings.store.path
-        if not path.is_file():
-            raise StoreError(f"no {what} at {path}: the gateway creates it on its first start")
-        store = await SqliteStore.open(path)
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 # ---- the report ------------------------------------------------------------------------------------
