@@ -40,6 +40,7 @@ from approvals.core.model import STATUSES
 from approvals.errors import ApprovalsError, ConfigError, StoreError
 from approvals.gatekeeper import check_policies
 from approvals.gateway_secret import gateway_secret
+from approvals.log_format import configure_logging
 from approvals.store.postgres import PostgresStore
 from approvals.web.app import create_app
 from approvals.web.inbox_auth import LINK_SECONDS, InboxAuth
@@ -181,7 +182,8 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `approvals` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "serve":  # serve configures its own, as [server] log_format says
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         _serve_command(args)
         return
@@ -228,6 +230,7 @@ def _checked_settings(path: Path) -> Settings:
 
 def _serve_command(args: argparse.Namespace) -> None:
     settings = _checked_settings(args.config)
+    configure_logging(settings.server.log_format)
     server = dataclasses.replace(
         settings.server,
         host=args.host if args.host is not None else settings.server.host,

@@ -6,8 +6,8 @@ environment, never from the file. Every problem is reported with its path
 (`upstreams.demo.command: must be a non-empty list of strings`), all at once, as a `ConfigError`.
 
 A stdio upstream does not inherit the gateway's own secrets (grant and reviewer `token_env`
-variables, the Slack credentials, `APPROVALS_TOKEN`): the upstream is the very thing being gated,
-and a tool that can read its environment must not find a reviewer's token there.
+variables, the Slack credentials, `APPROVALS_TOKEN`, the metrics token): the upstream is the very
+thing being gated, and a tool that can read its environment must not find a reviewer's token there.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ _CLI_SECRETS = ("APPROVALS_TOKEN",)  # the reviewer token `approvals list|approv
 # Signs the inbox's session cookies and login links: whoever holds it can log in as any reviewer.
 SESSION_SECRET_ENV = "APPROVALS_SESSION_SECRET"  # noqa: S105 -- the variable's name
 AUDIT_SECRET_ENV = "APPROVALS_AUDIT_WEBHOOK_SECRET"  # noqa: S105 -- [audit] webhook_secret_env's default
+METRICS_TOKEN_ENV = "APPROVALS_METRICS_TOKEN"  # noqa: S105 -- [metrics] token_env's default
+LOG_FORMATS = ("json", "text")  # [server] log_format; unset: text on a terminal, JSON lines otherwise
 MIN_SESSION_SECRET_LENGTH = 32
 MIN_TOKEN_LENGTH = 16
 T = TypeVar("T")
@@ -73,6 +75,9 @@ class ServerSettings:
     # Where the other replicas reach this one, for requests of a session it owns
     # (approvals.proxy.affinity): None on one replica. Port 0 picks a free port per process.
     internal_url: str | None = None
+    # "json" (one JSON object a line, for a log shipper) or "text"; None: text when stderr is a
+    # terminal (a person reading), JSON otherwise (a service manager collecting lines).
+    log_format: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,14 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """[metrics]: `/metrics` answers only a bearer of this token; without one it is off (404)."""
+
+    # The sha256 of the token in the variable `token_env` names (APPROVALS_METRICS_TOKEN by default).
+    token_sha256: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     source: Path
     server: ServerSettings
@@ -170,6 +183,7 @@ class Settings:
     slack: SlackSettings | None = None
     inbox: InboxSettings = InboxSettings()
     audit: AuditSettings = AuditSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
 
 def sha256_hex(token: str) -> str:
@@ -297,7 +311,7 @@ def _string_table(value: Any) -> dict[str, str]:
 def _read_server(r: _Reader, data: Mapping[str, Any]) -> ServerSettings:
     known = {"host", "port", "public_url", "allowed_hosts", "max_body_bytes", "session_idle"}
     known |= {"abandoned_session_idle", "max_sessions", "max_sessions_per_grant", "read_timeout"}
-    known |= {"max_backlog_bytes", "upstream_client", "workers", "internal_url"}
+    known |= {"max_backlog_bytes", "upstream_client", "workers", "internal_url", "log_format"}
     t = r.table(data, "", "server", known)
     d = ServerSettings()
     port = r.get(t, "server", "port", d.port, _port)
@@ -329,7 +343,14 @@ def _read_server(r: _Reader, data: Mapping[str, Any]) -> ServerSettings:
         upstream_client=r.get(t, "server", "upstream_client", d.upstream_client, _upstream_client),
         workers=r.get(t, "server", "workers", d.workers, _worker_count),
         internal_url=r.get(t, "server", "internal_url", None, internal_url),
+        log_format=r.get(t, "server", "log_format", None, _log_format),
     )
+
+
+def _log_format(value: Any) -> str:
+    if value not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)} (got {value!r})")
+    return str(value)
 
 
 MAX_WORKERS = 256
@@ -469,9 +490,11 @@ def _child_env(r: _Reader, t: Mapping[str, Any], path: str, secrets: frozenset[s
 def _secret_names(data: Mapping[str, Any]) -> frozenset[str]:
     """The environment variables that hold the gateway's own secrets."""
     names = {*_SLACK_SECRETS, *_CLI_SECRETS, SESSION_SECRET_ENV, "APPROVALS_DATABASE_URL", AUDIT_SECRET_ENV}
-    audit = data.get("audit")
-    if isinstance(audit, dict) and isinstance(audit.get("webhook_secret_env"), str):
-        names.add(audit["webhook_secret_env"])
+    names.add(METRICS_TOKEN_ENV)
+    for table, key in (("audit", "webhook_secret_env"), ("metrics", "token_env")):
+        section = data.get(table)
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            names.add(section[key])
     for key in ("grants", "reviewers"):
         entries = data.get(key)
         for entry in entries if isinstance(entries, list) else ():
@@ -635,11 +658,35 @@ def _read_audit(r: _Reader, data: Mapping[str, Any]) -> AuditSettings:
     return AuditSettings(webhook_url=url, webhook_secret=secret)
 
 
+def _read_metrics(r: _Reader, data: Mapping[str, Any]) -> MetricsSettings:
+    """The token from the variable [metrics] token_env names (APPROVALS_METRICS_TOKEN by default).
+
+    No token: metrics are off. A [metrics] table without a usable token is an error rather than
+    metrics silently off: the operator asked for them.
+    """
+    t = r.table(data, "", "metrics", {"token_env"})
+    var = r.get(t, "metrics", "token_env", METRICS_TOKEN_ENV, _string)
+    token = r.env.get(var) or None
+    asked = "metrics" in data
+    if token is None and not asked:
+        return MetricsSettings()
+    if token is None or len(token) < MIN_TOKEN_LENGTH:
+        where = "metrics.token_env" if "token_env" in t else "metrics"
+        r.error(
+            where,
+            f"environment variable {var} must hold the token Prometheus scrapes /metrics with, at"
+            f" least {MIN_TOKEN_LENGTH} characters (`approvals token` makes one)",
+        )
+        return MetricsSettings()
+    return MetricsSettings(token_sha256=sha256_hex(token))
+
+
 def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]) -> Settings:
     """Validate parsed TOML; raise `ConfigError` listing every problem."""
     r = _Reader(env)
     base = source.parent
     sections = {"server", "store", "approvals", "upstreams", "grants", "reviewers", "slack", "inbox", "audit"}
+    sections |= {"metrics"}
     r.unknown(data, "", sections)
     server = _read_server(r, data)
     store_table = r.table(data, "", "store", {"path", "url"})
@@ -678,6 +725,7 @@ def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]
     slack = _read_slack(r, data)
     inbox = _read_inbox(r, data)
     audit = _read_audit(r, data)
+    metrics = _read_metrics(r, data)
     if r.issues:
         raise ConfigError(str(source), r.issues)
     return Settings(
@@ -691,6 +739,7 @@ def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]
         slack,
         inbox,
         audit,
+        metrics,
     )
 
 

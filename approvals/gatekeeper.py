@@ -7,13 +7,17 @@ admit(call) → policy.evaluate → deny / hidden      → a tool error the agen
                               → allow → limits.reserve → refused → a tool error with retry_after
                                                        → reserved → forward; rolled back if the
                                                          upstream fails the call
+
+With metrics on, each call is counted by its outcome (allowed, denied, rate_limited, held,
+invalid) and a forwarded call's round trip to the upstream is timed (approvals.metrics).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from approvals.arg_schema import ArgumentProblem
 from approvals.core.model import FORWARD, Admission, ToolCall
@@ -22,12 +26,18 @@ from approvals.core.service import ApprovalService
 from approvals.jsonrpc import JsonObject, tool_error
 from approvals.limits import LimitRefusal, Reservation
 from approvals.outcomes import META_KEY, denial, limit_refusal
+from approvals.policy import Decision
 from approvals.policy_files import PolicyBook, check_policies
 from approvals.tool_catalog import ToolCatalog
+
+if TYPE_CHECKING:
+    from approvals.metrics import Metrics, Outcome
 
 __all__ = ["Gatekeeper", "check_policies"]
 
 log = logging.getLogger(__name__)
+
+RATE_LIMIT_CODES = frozenset({"rate_limited", "limit_uncounted"})  # approvals.limits.LimitRefusal.code
 
 
 class Gatekeeper:
@@ -46,18 +56,36 @@ class Gatekeeper:
         self.catalog = catalog
         self.service = service
         self.clock = clock
+        self.metrics: Metrics | None = None  # set when metrics are on (approvals.web.app)
 
     async def admit(self, call: ToolCall) -> Admission:
         decision = self.policies[call.upstream].evaluate(call.tool, call.arguments)
+        outcome, admission = await self._judge(call, decision)
+        # The tool and the verdict, never the arguments (they may hold what the agent was given).
+        if admission.hold is not None:
+            log.info(
+                "call of %s on %s held for approval %s", call.tool, call.upstream, admission.hold.approval_id
+            )
+        else:
+            log.debug("call of %s on %s: %s (rule %s)", call.tool, call.upstream, outcome, decision.rule)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.count_call(call.upstream, call.tool, outcome, decision.rule)
+            if outcome == "allowed":
+                return _timed(metrics, call.upstream, admission)
+        return admission
+
+    async def _judge(self, call: ToolCall, decision: Decision) -> tuple[Outcome, Admission]:
         if decision.action == "deny":
-            return Admission(answer=denial(decision))
+            return "denied", Admission(answer=denial(decision))
         # Checked after a denial (a hidden tool's schema stays unspoken) and before anything acts
         # on the verdict: what the upstream would coerce is refused, not judged one way and run another.
         problem = self.catalog.argument_problem(call.upstream, call.tool, call.arguments)
         if problem is not None:
-            return Admission(answer=_invalid_arguments(call.tool, problem))
+            return "invalid", Admission(answer=_invalid_arguments(call.tool, problem))
         if decision.action == "require_approval":
-            return await self.service.admit(call, decision)
+            admission = await self.service.admit(call, decision)
+            return _approval_outcome(admission), admission
         reserved = await self.counters.reserve(
             decision.limits,
             grant=call.grant,
@@ -66,10 +94,10 @@ class Gatekeeper:
             now=self.clock(),
         )
         if isinstance(reserved, LimitRefusal):
-            return Admission(answer=limit_refusal(reserved, decision))
+            return "rate_limited", Admission(answer=limit_refusal(reserved, decision))
         if not reserved.entries:
-            return FORWARD
-        return Admission(on_result=self._rollback_on_failure(reserved))
+            return "allowed", FORWARD
+        return "allowed", Admission(on_result=self._rollback_on_failure(reserved))
 
     def _rollback_on_failure(self, reservation: Reservation) -> Callable[[JsonObject], Awaitable[None]]:
         counters = self.counters
@@ -84,11 +112,35 @@ class Gatekeeper:
 
     def visible_tools(self, upstream: str, tools: list[JsonObject]) -> list[JsonObject]:
         self.catalog.remember(upstream, tools)
+        if self.metrics is not None:
+            self.metrics.listed(upstream, (t["name"] for t in tools if isinstance(t.get("name"), str)))
         policy = self.policies[upstream]
         return [t for t in tools if not (isinstance(t.get("name"), str) and policy.is_hidden(t["name"]))]
 
     def health(self) -> dict[str, Any]:
         return {"policy_errors": self.policies.errors} if self.policies.errors else {}
+
+
+def _approval_outcome(admission: Admission) -> Outcome:
+    """Held, unless the approval service answered at once: over a rate limit, or refused (too
+    many pending)."""
+    if admission.hold is not None or admission.answer is None:
+        return "held"
+    meta = admission.answer.get("_meta", {}).get(META_KEY, {})
+    return "rate_limited" if meta.get("code") in RATE_LIMIT_CODES else "denied"
+
+
+def _timed(metrics: Metrics, upstream: str, admission: Admission) -> Admission:
+    """`admission`, with the forwarded call's round trip to the upstream timed when it answers."""
+    started = time.perf_counter()
+    settle = admission.on_result
+
+    async def timed(response: JsonObject) -> None:
+        metrics.upstream_call(upstream, time.perf_counter() - started, "error" in response)
+        if settle is not None:
+            await settle(response)
+
+    return Admission(on_result=timed)
 
 
 def _invalid_arguments(tool: str, problem: ArgumentProblem) -> JsonObject:

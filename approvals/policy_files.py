@@ -8,6 +8,7 @@ object it was admitted with, so calls in flight finish under the policy they sta
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -73,6 +74,9 @@ class PolicyBook:
     policies: dict[str, Policy]
     errors: dict[str, list[str]] = field(default_factory=dict)
     generation: int = 0  # bumped on every reload attempt, so tests can wait for one
+    # Reloads per upstream, good and refused (read by the metrics at a scrape).
+    reloads: collections.Counter[str] = field(default_factory=collections.Counter)
+    reload_failures: collections.Counter[str] = field(default_factory=collections.Counter)
     _stamps: dict[str, tuple[int, int] | None] = field(default_factory=dict)
     _changed: asyncio.Condition | None = None
     _task: asyncio.Task[None] | None = None
@@ -100,9 +104,11 @@ class PolicyBook:
                 self.policies[name] = read_policy(path)
             except ConfigError as exc:
                 self.errors[name] = [str(issue) for issue in exc.issues]
+                self.reload_failures[name] += 1
                 log.error("policy for upstream %s not reloaded, the old one stays in force:\n%s", name, exc)
             else:
                 self.errors.pop(name, None)
+                self.reloads[name] += 1
                 log.info("policy for upstream %s reloaded from %s", name, path)
         self.generation += 1
         if self._changed is not None:

@@ -686,3 +686,43 @@ def test_audit_webhook_needs_an_http_url_and_a_signing_key(config_dir: Path) -> 
         issues_of(config_dir, default, {"APPROVALS_AUDIT_WEBHOOK_SECRET": "short"}),
         [("audit.webhook_secret_env", "APPROVALS_AUDIT_WEBHOOK_SECRET must hold the webhook's signing key")],
     )
+
+
+def test_metrics_token_comes_from_the_environment_and_is_kept_as_its_sha256(config_dir: Path) -> None:
+    """/metrics is off without a token; on with the one [metrics] token_env names (by default
+    APPROVALS_METRICS_TOKEN), kept only as its sha256 and withheld from stdio upstreams."""
+    token = "metrics-token-0123456789abcdef"
+    assert load(config_dir, DEMO).metrics.token_sha256 is None
+    by_default = load(config_dir, DEMO, {"APPROVALS_METRICS_TOKEN": token, "PATH": "/usr/bin"})
+    assert by_default.metrics.token_sha256 == sha256_hex(token)
+    assert by_default.upstreams["demo"].env == {"PATH": "/usr/bin"}
+    named = load(config_dir, DEMO + '[metrics]\ntoken_env = "PROM_TOKEN"\n', {"PROM_TOKEN": token, "X": "1"})
+    assert named.metrics.token_sha256 == sha256_hex(token)
+    assert named.upstreams["demo"].env == {"X": "1"}
+    assert token not in repr(named)
+
+
+def test_metrics_table_without_a_usable_token_is_an_error(config_dir: Path) -> None:
+    """Asking for metrics ([metrics]) with the variable unset or too short is reported, not ignored."""
+    assert_issues(
+        issues_of(config_dir, DEMO + "[metrics]\n"),
+        [("metrics", "APPROVALS_METRICS_TOKEN must hold the token")],
+    )
+    assert_issues(
+        issues_of(config_dir, DEMO + '[metrics]\ntoken_env = "PROM_TOKEN"\n', {"PROM_TOKEN": "short"}),
+        [("metrics.token_env", "at least 16 characters")],
+    )
+    assert_issues(
+        issues_of(config_dir, DEMO + '[metrics]\ntoken = "x"\n'),
+        [("metrics.token", "unknown setting"), ("metrics", "APPROVALS_METRICS_TOKEN")],
+    )
+
+
+def test_log_format_is_json_or_text(config_dir: Path) -> None:
+    """[server] log_format: "json" or "text"; unset (None) lets `serve` choose by the terminal."""
+    assert load(config_dir, DEMO).server.log_format is None
+    assert load(config_dir, DEMO + '[server]\nlog_format = "json"\n').server.log_format == "json"
+    assert_issues(
+        issues_of(config_dir, DEMO + '[server]\nlog_format = "xml"\n'),
+        [("server.log_format", "must be one of json, text")],
+    )

@@ -42,6 +42,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from approvals.auth import bearer_token
 from approvals.errors import StoreError
 from approvals.jsonrpc import INVALID_REQUEST
+from approvals.log_format import REQUEST_ID_HEADER, request_id_of
 from approvals.proxy.handlers import rpc_error
 from approvals.proxy.keys import GRANTS
 from approvals.proxy.stateless import MODERN_VERSIONS, VERSION_HEADER
@@ -215,6 +216,8 @@ class SessionRouter:
         session_id = request.headers[SESSION_HEADER]
         body = request.content.iter_any() if request.body_exists else None
         headers = _end_to_end(request.headers)
+        if (request_id := request_id_of(request)) is not None:
+            headers[REQUEST_ID_HEADER] = request_id  # one id in both replicas' logs
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         try:

@@ -14,7 +14,9 @@ import contextlib
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -42,6 +44,9 @@ from approvals.proxy.request_state import RequestStates
 from approvals.proxy.session import Session
 from approvals.proxy.subscriptions import Fanouts, ListenLimit
 from approvals.proxy.upstream import connect
+
+if TYPE_CHECKING:
+    from approvals.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,10 @@ class Gateway:
         self.listens = ListenLimit()
         self.fanouts = Fanouts()  # listen streams served from pooled initialize-era sessions
         self.states = RequestStates(secret)
+        # Every session with a stdio upstream (client, pooled and the gateway's own), for the
+        # count of upstream processes at a metrics scrape; a closed one drops out by itself.
+        self._stdio: weakref.WeakSet[Session] = weakref.WeakSet()
+        self.metrics: Metrics | None = None  # set when metrics are on (approvals.web.app)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -161,7 +170,13 @@ class Gateway:
                 settings, self._http, self._pool, session.on_upstream_message, session.on_upstream_closed
             )
         await session.connection.start()
+        if settings.is_stdio:
+            self._stdio.add(session)
         return session
+
+    def upstream_processes(self) -> int:
+        """How many stdio upstream processes this gateway runs now."""
+        return sum(1 for s in self._stdio if s.closed_reason is None)
 
     async def call(
         self, upstream: str, method: str, params: JsonObject, *, prefer_session: str | None = None
@@ -173,6 +188,21 @@ class Gateway:
         upstream of 2026-07-28 it is a 2026 request when the call is a stateless client's (so an
         InputRequiredResult comes back to that client as such) or the upstream has no other era.
         """
+        metrics = self.metrics
+        if method != "tools/call" or metrics is None:
+            return await self._call(upstream, method, params, prefer_session)
+        # A release: its round trip is timed; one cut short (the call timeout) counts as failed.
+        started, failed = time.perf_counter(), True
+        try:
+            answer = await self._call(upstream, method, params, prefer_session)
+            failed = "error" in answer
+            return answer
+        finally:
+            metrics.upstream_call(upstream, time.perf_counter() - started, failed)
+
+    async def _call(
+        self, upstream: str, method: str, params: JsonObject, prefer_session: str | None
+    ) -> JsonObject:
         eras = await self.eras.of(upstream)
         stateless_client = prefer_session is not None and is_stateless_session(prefer_session)
         if eras.modern and (stateless_client or not eras.legacy):

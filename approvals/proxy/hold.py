@@ -35,6 +35,7 @@ from approvals.jsonrpc import (
     error_response,
     result_response,
 )
+from approvals.metrics import METRICS, Metrics
 from approvals.proxy.keys import GATEWAY
 from approvals.proxy.resume import HeldStream, UnknownEvent
 from approvals.proxy.session import Session, bad_progress_token
@@ -75,7 +76,10 @@ async def stream_hold(
     # (which may cancel this handler) reconnects with Last-Event-ID and gets the rest, so the
     # hold goes on to its end even with nobody attached.
     stream = session.replays.open(hold.delivered, prime=_primes(session.protocol_version))
-    task = asyncio.create_task(_produce(session, message, hold, hold_seconds, clock, stream, response))
+    metrics = request.app.get(METRICS)
+    task = asyncio.create_task(
+        _produce(session, message, hold, hold_seconds, clock, stream, response, metrics)
+    )
     _PRODUCERS.add(task)
     task.add_done_callback(_PRODUCERS.discard)
     task.add_done_callback(lambda _: _release(holds, session, message.id, hold))
@@ -101,6 +105,7 @@ async def _produce(
     clock: Callable[[], float],
     stream: HeldStream,
     response: web.StreamResponse,
+    metrics: Metrics | None,
 ) -> None:
     meta = message.params.get("_meta")
     valid = bad_progress_token(message.params) is None  # the handler refuses others first
@@ -113,6 +118,8 @@ async def _produce(
         data, outcome = answer or (None, False)
         await stream.end(data, outcome=outcome)
         session.replays.ended(stream)
+        if outcome and stream.delivered and metrics is not None:
+            metrics.answered(hold.approval_id)  # decision → agent
         if answer is not None and not stream.delivered:
             log.info("approval %s: the held call's answer waits for the client to resume", hold.approval_id)
 

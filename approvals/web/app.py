@@ -3,9 +3,11 @@ is returned (`approvals.runtime`) and closed on cleanup."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -15,6 +17,8 @@ from approvals.auth import TokenIndex
 from approvals.channels import Channel, Channels, slack
 from approvals.config import Settings
 from approvals.jsonrpc import INVALID_REQUEST, encode, error_response
+from approvals.log_format import echo_request_id, request_ids
+from approvals.metrics import METRICS, Metrics, serve_metrics
 from approvals.policy_files import WATCH_INTERVAL_SECONDS
 from approvals.proxy import affinity
 from approvals.proxy.gate import Gate
@@ -22,7 +26,7 @@ from approvals.proxy.handlers import add_routes
 from approvals.proxy.keys import GATE, GATEWAY, GRANTS
 from approvals.runtime import Runtime
 from approvals.store.sqlite_feed import POLL_SECONDS
-from approvals.web import api, inbox
+from approvals.web import api, inbox, landing
 from approvals.web.keys import GATEKEEPER, SERVICE, SETTINGS
 from approvals.web.origin import allowed_hostnames, origin_middleware
 
@@ -81,6 +85,12 @@ async def create_app(
         if settings.slack is not None:
             notifiers.append(slack.setup(app, settings, runtime.service))
         app.router.add_get("/healthz", healthz)
+        landing.add_routes(app, settings)
+        app.router.add_get("/metrics", serve_metrics)
+        if settings.metrics.token_sha256 is not None:
+            app[METRICS] = metrics = Metrics(settings.metrics.token_sha256, clock)
+            app.cleanup_ctx.append(_counting(metrics, runtime))
+            log.info("metrics on: /metrics answers the bearer of the [metrics] token")
     except BaseException:
         await close_parts()
         raise
@@ -100,9 +110,27 @@ async def create_app(
     return app
 
 
+def _counting(metrics: Metrics, runtime: Runtime) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Metrics on: counted by the gate, the gateway and a follower of the change feed while the
+    application runs."""
+
+    async def counting(_: web.Application) -> AsyncIterator[None]:
+        metrics.attach_sources(runtime.store, runtime.gateway, runtime.policies)
+        runtime.gatekeeper.metrics = runtime.gateway.metrics = metrics
+        follower = asyncio.create_task(metrics.follow(runtime.feed), name="metrics")
+        yield
+        runtime.gatekeeper.metrics = runtime.gateway.metrics = None
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+
+    return counting
+
+
 def _application(settings: Settings) -> web.Application:
-    return web.Application(
+    app = web.Application(
         middlewares=[
+            request_ids,  # first: every log line of a request, the other middlewares' too, has its id
             undecodable_input,
             plain_bodies_only,
             origin_middleware(allowed_hostnames(settings.server)),
@@ -116,6 +144,8 @@ def _application(settings: Settings) -> web.Application:
         # within it (from connect, or from the last response); its default is an hour.
         handler_args={"auto_decompress": False, "keepalive_timeout": settings.server.read_timeout_seconds},
     )
+    app.on_response_prepare.append(echo_request_id)
+    return app
 
 
 @web.middleware
