@@ -114,6 +114,10 @@ async def test_scripted_session_gives_known_counts(held: Held) -> None:
     assert _value(after, "approvals_upstream_errors_total", upstream="demo") == 0
     assert _value(after, "approvals_pending", upstream="demo") == 0
     assert _value(after, "approvals_held_connections") == 0
+    # Two requests opened; each moved pending → approved|denied, and the approved one on to
+    # released and completed: 2 + 2 + 2 transitions, each timed with its commit.
+    assert _value(after, "approvals_store_write_seconds_count", operation="open an approval") == 2
+    assert _value(after, "approvals_store_write_seconds_count", operation="transition") >= 4
 
 
 async def test_metrics_need_the_token(held: Held) -> None:

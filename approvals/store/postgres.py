@@ -170,6 +170,8 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         self._pool = pool
         self.url = url
         self._clock = clock
+        # Told (operation, seconds) after each write, commit included (the gateway's metrics).
+        self.on_write: Callable[[str, float], None] | None = None
 
     @classmethod
     async def open(
@@ -239,7 +241,7 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
     async def save_counters(self, rows: Sequence[CounterRow]) -> None:
         if not rows:
             return
-        async with self._connection("save counters") as conn, conn.transaction():
+        async with self._connection("save counters", write=True) as conn, conn.transaction():
             await conn.executemany(
                 "INSERT INTO counters (counter, scope_key, window_start, value) VALUES ($1, $2, $3, $4)"
                 " ON CONFLICT (counter, scope_key, window_start) DO UPDATE SET value = excluded.value",
@@ -254,14 +256,14 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
 
     async def create_approval(self, approval: Approval, *, actor: str, channel: str) -> None:
         _check_new(approval)
-        async with self._connection("create an approval") as conn, conn.transaction():
+        async with self._connection("create an approval", write=True) as conn, conn.transaction():
             await self._insert(conn, approval, actor, channel)
 
     async def open_approval(
         self, approval: Approval, *, actor: str, channel: str, max_pending: int
     ) -> Approval | None:
         _check_new(approval)
-        async with self._connection("open an approval") as conn, conn.transaction():
+        async with self._connection("open an approval", write=True) as conn, conn.transaction():
             # Every replica opening a request for this grant waits here: look-up, count and insert
             # are one step.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", approval.grant)
@@ -361,7 +363,10 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
             f"UPDATE approvals SET {', '.join(sets)} WHERE id = ${n} AND status = ANY(${n + 1}::text[])"  # noqa: S608
             f" RETURNING {_SELECT}"
         )
-        async with self._connection(f"move approval {approval_id} to {to}") as conn, conn.transaction():
+        async with (
+            self._connection(f"move approval {approval_id} to {to}", write="transition") as conn,
+            conn.transaction(),
+        ):
             row = await conn.fetchrow(sql, to, *fields.values(), approval_id, sorted(set(from_)))
             if row is None:
                 return None
@@ -384,7 +389,7 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         if not fields:
             return
         sets = ", ".join(f"{_COLUMN[name]} = ${n}" for n, name in enumerate(fields, start=1))
-        async with self._connection("update an approval") as conn:
+        async with self._connection("update an approval", write=True) as conn:
             await conn.execute(
                 f"UPDATE approvals SET {sets} WHERE id = ${len(fields) + 1}",  # noqa: S608
                 *fields.values(),
@@ -454,7 +459,7 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         args_sha256: str,
         detail: str | None = None,
     ) -> None:
-        async with self._connection("append to the audit log") as conn, conn.transaction():
+        async with self._connection("append to the audit log", write=True) as conn, conn.transaction():
             await self._audit(conn, approval_id, event, actor, channel, args_sha256, detail)
 
     async def audit_head(self) -> tuple[int, str]:
@@ -512,7 +517,7 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
             )
 
     async def save_message_ref(self, approval_id: str, channel: str, ref_json: str) -> None:
-        async with self._connection("save a message ref") as conn:
+        async with self._connection("save a message ref", write=True) as conn:
             await conn.execute(
                 "INSERT INTO message_refs (approval_id, channel, ref_json) VALUES ($1, $2, $3)"
                 " ON CONFLICT (approval_id, channel) DO UPDATE SET ref_json = excluded.ref_json",
@@ -564,8 +569,11 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         )
 
     @asynccontextmanager
-    async def _connection(self, what: str) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection; any database failure becomes a StoreError saying what failed."""
+    async def _connection(self, what: str, *, write: bool | str = False) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; any database failure becomes a StoreError saying what failed. A
+        `write` is timed, waiting for a connection and the commit included, for ``on_write``, named
+        `what` (a fixed phrase) or the operation name `write` gives."""
+        started = time.perf_counter()
         try:
             async with self._pool.acquire() as conn:
                 yield conn
@@ -573,6 +581,8 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
             raise
         except _DATABASE_ERRORS as exc:
             raise StoreError(f"cannot {what}: {exc}") from exc
+        if write and self.on_write is not None:
+            self.on_write(write if isinstance(write, str) else what, time.perf_counter() - started)
 
 
 async def _notify(conn: asyncpg.Connection, approval_id: str, version: int, event: str) -> None:

@@ -97,6 +97,8 @@ class SqliteStore:
     def __init__(self, db: SqliteThread, clock: Callable[[], float] = time.time) -> None:
         self._db = db
         self._clock = clock  # only to stamp audit events; every decision is told `now`
+        # Told (operation, seconds) after each write, commit included (the gateway's metrics).
+        self.on_write: Callable[[str, float], None] | None = None
 
     @classmethod
     async def open(cls, path: pathlib.Path, *, clock: Callable[[], float] = time.time) -> SqliteStore:
@@ -286,7 +288,8 @@ class SqliteStore:
                 )
             return updated
 
-        return await self._write(f"move approval {approval_id} to {to}", move, durable=True)
+        what = f"move approval {approval_id} to {to}"
+        return await self._write(what, move, durable=True, operation="transition")
 
     async def update_fields(self, approval_id: str, **fields: object) -> None:
         """Set delivery fields without a transition or audit event."""
@@ -477,13 +480,25 @@ class SqliteStore:
         with _errors(f"cannot {what}"):
             return await self._db.read(job)
 
-    async def _write(self, what: str, job: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+    async def _write(
+        self,
+        what: str,
+        job: Callable[[sqlite3.Connection], T],
+        *,
+        durable: bool = False,
+        operation: str | None = None,
+    ) -> T:
         """Run ``job`` as one transaction of its own (sharing the commit of its group).
 
-        ``durable`` commits at ``synchronous=FULL`` (see the module docstring).
+        ``durable`` commits at ``synchronous=FULL`` (see the module docstring). Its time, commit
+        included, goes to ``on_write`` as ``operation`` (default ``what``: a fixed phrase).
         """
+        started = time.perf_counter()
         with _errors(f"cannot {what}"):
-            return await self._db.write(job, durable=durable)
+            result = await self._db.write(job, durable=durable)
+        if self.on_write is not None:
+            self.on_write(operation or what, time.perf_counter() - started)
+        return result
 
 
 def _configure(conn: sqlite3.Connection) -> None:

@@ -25,6 +25,8 @@ from approvals.proxy.gate import Gate
 from approvals.proxy.handlers import add_routes
 from approvals.proxy.keys import GATE, GATEWAY, GRANTS
 from approvals.runtime import Runtime
+from approvals.store.postgres import PostgresStore
+from approvals.store.sqlite import SqliteStore
 from approvals.store.sqlite_feed import POLL_SECONDS
 from approvals.web import api, inbox, landing
 from approvals.web.keys import GATEKEEPER, SERVICE, SETTINGS
@@ -117,9 +119,14 @@ def _counting(metrics: Metrics, runtime: Runtime) -> Callable[[web.Application],
     async def counting(_: web.Application) -> AsyncIterator[None]:
         metrics.attach_sources(runtime.store, runtime.gateway, runtime.policies)
         runtime.gatekeeper.metrics = runtime.gateway.metrics = metrics
+        timed = runtime.store if isinstance(runtime.store, SqliteStore | PostgresStore) else None
+        if timed is not None:
+            timed.on_write = metrics.store_write
         follower = asyncio.create_task(metrics.follow(runtime.feed), name="metrics")
         yield
         runtime.gatekeeper.metrics = runtime.gateway.metrics = None
+        if timed is not None:
+            timed.on_write = None
         follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await follower
