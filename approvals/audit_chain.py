@@ -93,6 +93,8 @@ def canonical(event: AuditEvent, seq: int | None = None) -> bytes:
         event.args_sha256,
         event.detail,
     ]
+    if event.request_id is not None:  # appended only when there is one: older rows hash as they did
+        fields.append(event.request_id)
     return json.dumps(fields, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
@@ -237,4 +239,5 @@ def event_record(event: AuditEvent) -> dict[str, Any]:
         "detail": event.detail,
         "prev_hash": event.prev_hash,
         "hash": event.hash,
+        "request_id": event.request_id,
     }

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from approvals.audit_chain import verify_log
 from approvals.log_format import REQUEST_ID_HEADER, JsonFormatter, configure_logging
 from tests.approvals_kit import start_held
 from tests.conftest import BOB_TOKEN, DEMO_COMMAND, TOKEN_A, WAIT, StartGateway
@@ -74,6 +75,20 @@ async def test_every_line_of_a_call_carries_its_request_id(
     assert all(line.get("request_id") == "agent-trace-42" for line in about_the_call)
     assert any(line.get("request_id") == decision_id for line in lines)  # the API request's own
     assert not any(EMAIL["body"] in line["message"] for line in lines)  # arguments are never logged
+    # The audit log names the request behind each event: the call opened it, the decision approved
+    # it and started its release; the chain covers the ids.
+    await held.gateway.service.settled()
+    events = await held.gateway.service.audit(approval_id=pending.id)
+    by_event = {event.event: event.request_id for event in events}
+    assert by_event["created"] == "agent-trace-42"
+    assert by_event["approved"] == by_event["released"] == by_event["completed"] == decision_id
+    async with aiohttp.ClientSession() as http:
+        url = f"{held.gateway.base}/api/audit?approval_id={pending.id}"
+        async with http.get(url, headers={"Authorization": f"Bearer {BOB_TOKEN}"}) as response:
+            listed = await response.json()
+    rows = listed["events"] if isinstance(listed, dict) else listed
+    assert [row["request_id"] for row in rows] == [event.request_id for event in events]
+    assert await verify_log(held.gateway.service.store) == (len(events), None)
 
 
 async def test_an_unusable_request_id_is_replaced(start_gateway: StartGateway) -> None:

@@ -96,6 +96,7 @@ async def test_v2_database_migrates_to_the_latest_keeping_its_approvals(tmp_path
         conn.execute("DROP TRIGGER audit_no_update")
         conn.execute("ALTER TABLE audit DROP COLUMN prev_hash")
         conn.execute("ALTER TABLE audit DROP COLUMN hash")
+        conn.execute("ALTER TABLE audit DROP COLUMN request_id")
         conn.execute(
             "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit"
             " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"

@@ -142,6 +142,9 @@ class AuditEvent:
     # event's own hash over that and its fields. Empty only on an event not yet written.
     prev_hash: str = ""
     hash: str = ""
+    # The id of the HTTP request that caused it (X-Request-Id; approvals.request_context), the one
+    # its log lines carry; None for what no request caused (expiry, start-up).
+    request_id: str | None = None
 
 
 # The note a store leaves on a record whose kept result it dropped after its keep window.

@@ -37,6 +37,7 @@ from approvals.core.model import (
 )
 from approvals.core.ports import CounterRow
 from approvals.errors import StoreError
+from approvals.request_context import REQUEST_ID
 
 __all__ = ["MemoryStore"]
 
@@ -362,9 +363,8 @@ class MemoryStore:
         detail: str | None,
     ) -> None:
         seq, prev_hash = self._head
-        row = seal(
-            AuditEvent(seq + 1, at, approval_id, event, actor, channel, args_sha256, detail), prev_hash
-        )
+        new = AuditEvent(seq + 1, at, approval_id, event, actor, channel, args_sha256, detail)
+        row = seal(dataclasses.replace(new, request_id=REQUEST_ID.get()), prev_hash)
         self._audit.append(row)
         self._head = (row.seq, row.hash)
 

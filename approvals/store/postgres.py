@@ -36,6 +36,7 @@ from approvals.core.model import (
 )
 from approvals.core.ports import CounterRow
 from approvals.errors import StoreError
+from approvals.request_context import REQUEST_ID
 from approvals.store import postgres_inbox, postgres_quota, postgres_replicas
 
 __all__ = ["CHANNEL", "MIGRATIONS", "PostgresStore"]
@@ -121,7 +122,8 @@ MIGRATIONS: list[str] = [
     # the lease of the replica delivering it. (empty() TRUNCATEs, which row triggers do not see.)
     # The genesis hash (64 zeros) is spelled in SQL: a shipped migration never changes with the code.
     """
-    ALTER TABLE audit ADD COLUMN prev_hash TEXT NOT NULL DEFAULT '', ADD COLUMN hash TEXT NOT NULL DEFAULT '';
+    ALTER TABLE audit ADD COLUMN prev_hash TEXT NOT NULL DEFAULT '', ADD COLUMN hash TEXT NOT NULL DEFAULT '',
+        ADD COLUMN request_id TEXT;
     CREATE TABLE audit_head (
         singleton BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
         seq       BIGINT NOT NULL,
@@ -152,7 +154,9 @@ AUDIT_CHAIN_MIGRATION = 5  # its number: the migration that also chains the rows
 
 _COLUMN = {name: "grant_name" if name == "grant" else name for name in STORED_FIELDS}
 _SELECT = ", ".join(_COLUMN[name] for name in STORED_FIELDS)
-_AUDIT_COLUMNS = "seq, at, approval_id, event, actor, channel, args_sha256, detail, prev_hash, hash"
+_AUDIT_COLUMNS = (
+    "seq, at, approval_id, event, actor, channel, args_sha256, detail, prev_hash, hash, request_id"
+)
 _REUSABLE = (
     " WHERE grant_name = $1 AND upstream = $2 AND tool = $3 AND args_sha256 = $4"
     " AND (status IN ('pending', 'approved', 'released')"
@@ -555,15 +559,12 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         head = await conn.fetchrow("SELECT seq, hash FROM audit_head FOR UPDATE")
         if head is None:
             raise StoreError("the audit chain's head row is missing")
-        row = seal(
-            AuditEvent(
-                int(head[0]) + 1, self._clock(), approval_id, event, actor, channel, args_sha256, detail
-            ),
-            str(head[1]),
-        )
+        seq = int(head[0]) + 1
+        new = AuditEvent(seq, self._clock(), approval_id, event, actor, channel, args_sha256, detail)
+        row = seal(dataclasses.replace(new, request_id=REQUEST_ID.get()), str(head[1]))
         await conn.execute(
             f"WITH appended AS (INSERT INTO audit ({_AUDIT_COLUMNS})"  # noqa: S608
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10))"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11))"
             " UPDATE audit_head SET seq = $1, hash = $10",
             *dataclasses.astuple(row),
         )
@@ -610,7 +611,7 @@ async def _chain_unchained_audit(conn: asyncpg.Connection, page: int = 1000) -> 
 def _audit_event(row: Any) -> AuditEvent:
     return AuditEvent(
         int(row[0]), float(row[1]), str(row[2]), str(row[3]), str(row[4]), str(row[5]), str(row[6]), row[7],
-        prev_hash=str(row[8]), hash=str(row[9]),
+        prev_hash=str(row[8]), hash=str(row[9]), request_id=row[10],
     )  # fmt: skip
 
 

@@ -40,6 +40,7 @@ from approvals.core.model import (
 )
 from approvals.core.ports import CounterRow
 from approvals.errors import StoreError
+from approvals.request_context import REQUEST_ID
 from approvals.store import sqlite_approvals as q
 from approvals.store.sqlite_thread import SqliteThread
 
@@ -201,6 +202,7 @@ class SqliteStore:
         if approval.status != "pending" or approval.version != 0:
             raise ValueError(f"a new approval must be pending at version 0, not {approval.status!r}")
         at = self._clock()
+        request_id = REQUEST_ID.get()  # read here: the job runs on the store's thread
 
         def insert(conn: sqlite3.Connection) -> None:
             q.insert_approval(conn, approval)
@@ -213,6 +215,7 @@ class SqliteStore:
                 channel=channel,
                 args_sha256=approval.args_sha256,
                 detail=None,
+                request_id=request_id,
             )
 
         return insert
@@ -269,6 +272,7 @@ class SqliteStore:
         check_transition(from_, to)
         check_transition_fields(fields)
         at = self._clock()
+        request_id = REQUEST_ID.get()  # read here: the job runs on the store's thread
         # The reason given to this move, not one left on the record by an earlier move.
         reason = fields.get("reason")
         detail = reason if isinstance(reason, str) else None
@@ -285,6 +289,7 @@ class SqliteStore:
                     channel=channel,
                     args_sha256=updated.args_sha256,
                     detail=detail,
+                    request_id=request_id,
                 )
             return updated
 
@@ -339,6 +344,7 @@ class SqliteStore:
     ) -> None:
         """Append an event that is not a transition, durably."""
         at = self._clock()
+        request_id = REQUEST_ID.get()  # read here: the job runs on the store's thread
         await self._write(
             "append to the audit log",
             lambda conn: q.insert_audit(
@@ -350,6 +356,7 @@ class SqliteStore:
                 channel=channel,
                 args_sha256=args_sha256,
                 detail=detail,
+                request_id=request_id,
             ),
             durable=True,
         )

@@ -171,6 +171,7 @@ CREATE INDEX approvals_released_lease ON approvals (lease_expires_at) WHERE stat
 AUDIT_CHAIN_SCHEMA = """
 ALTER TABLE audit ADD COLUMN prev_hash TEXT NOT NULL DEFAULT '';
 ALTER TABLE audit ADD COLUMN hash TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit ADD COLUMN request_id TEXT;
 CREATE TABLE audit_head (
     singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
     seq       INTEGER NOT NULL,
@@ -211,7 +212,9 @@ _REAL_FIELDS = frozenset(
 _EXPIRING = "status = 'pending'"  # spelled as in the partial indexes of v4, so they are used
 # Named: without statistics the planner prefers approvals_status_created and sorts every pending row.
 _BY_EXPIRY = "approvals INDEXED BY approvals_pending_expiry"
-_AUDIT_COLUMNS = "seq, at, approval_id, event, actor, channel, args_sha256, detail, prev_hash, hash"
+_AUDIT_COLUMNS = (
+    "seq, at, approval_id, event, actor, channel, args_sha256, detail, prev_hash, hash, request_id"
+)
 
 
 def insert_approval(conn: sqlite3.Connection, approval: Approval) -> None:
@@ -231,14 +234,14 @@ def insert_audit(
     channel: str,
     args_sha256: str,
     detail: str | None,
+    request_id: str | None = None,
 ) -> None:
     """Append one audit event, chained after the head, and make it the head."""
     head_seq, head_hash = audit_head(conn)
-    row = seal(
-        AuditEvent(head_seq + 1, at, approval_id, event, actor, channel, args_sha256, detail), head_hash
-    )
+    new = AuditEvent(head_seq + 1, at, approval_id, event, actor, channel, args_sha256, detail)
+    row = seal(dataclasses.replace(new, request_id=request_id), head_hash)
     conn.execute(
-        f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+        f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
         dataclasses.astuple(row),
     )
     conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE singleton = 1", (row.seq, row.hash))
@@ -322,7 +325,7 @@ def release_audit_sink(conn: sqlite3.Connection, name: str, owner: str) -> None:
 
 
 def _audit_event(row: Any) -> AuditEvent:
-    seq, at, approval, event, actor, channel, digest, detail, prev_hash, own_hash = row
+    seq, at, approval, event, actor, channel, digest, detail, prev_hash, own_hash, request_id = row
     return AuditEvent(
         seq=int(seq),
         at=float(at),
@@ -334,6 +337,7 @@ def _audit_event(row: Any) -> AuditEvent:
         detail=None if detail is None else str(detail),
         prev_hash=str(prev_hash),
         hash=str(own_hash),
+        request_id=None if request_id is None else str(request_id),
     )
 
 
