@@ -48,7 +48,8 @@ haproxy:
 test: $(VENV)/.test-installed tests/node/node_modules/.installed chromium haproxy lint
 	$(BIN)/python -m pytest -q
 
-# The benchmark (bench/run.py): the gateway beside a direct connection, FastMCP's proxy and mcp-proxy.
+# The benchmark (bench/run.py): the gateway beside itself with metrics on (--no-metrics-row skips
+# it), a direct connection, FastMCP's proxy and mcp-proxy.
 # Then the scale-out run (bench/scale.py): 1, 2 and 4 replicas on PostgreSQL behind HAProxy, and
 # --workers; it needs PostgreSQL on 127.0.0.1:5432 (or APPROVALS_BENCH_POSTGRES).
 bench: $(VENV)/.test-installed haproxy

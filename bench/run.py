@@ -21,6 +21,11 @@ that server, created and dropped by the run) joins the allowed-call rounds as `a
 beside the one on SQLite: every call of the bench's policy is counted against a rate limit, so
 this measures what shared, exact limits cost one replica.
 
+A second gateway on SQLite with its Prometheus metrics on (APPROVALS_METRICS_TOKEN set; the
+`approvals` one runs with it empty, so off) joins the same rounds as `approvals+metrics`, and a line
+under the table gives what metrics cost per call; at the end one scrape of its /metrics proves they
+were on. `--no-metrics-row` leaves it out.
+
 It prints a table and the goals of the benchmark issue, and keeps results.json, the table and the
 processes' logs in bench/results/<time>/. `python bench/run.py --help` for the knobs.
 """
@@ -50,6 +55,8 @@ import aiohttp
 import asyncpg
 from load import cpu_seconds
 
+from approvals.config import METRICS_TOKEN_ENV
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PYTHON = sys.executable
@@ -60,6 +67,8 @@ MCP_PROXY_REQUIREMENT = "mcp-proxy==0.13.0"
 START_TIMEOUT = 60.0
 UPSTREAM_CLIENTS = ["http1", "aiohttp"]  # approvals.config.UPSTREAM_CLIENTS
 SIGN_OF_LIFE_SECONDS = 5.0  # approvals.proxy.hold: a held stream writes something this often
+METRICS_ROW = "approvals+metrics"
+METRICS_COUNTER = "approvals_calls_total"  # approvals.metrics: one count per judged tools/call
 T = TypeVar("T")
 
 
@@ -229,7 +238,7 @@ async def throughput(
                 result = await load(target, clients, duration, warmup)
                 runs.setdefault((target.name, clients), []).append(result)
                 print(
-                    f"  round {r + 1}/{rounds} {target.name:>10} {clients:>3} clients: "
+                    f"  round {r + 1}/{rounds} {target.name:>17} {clients:>3} clients: "
                     f"{result['calls_per_s']:8.0f} calls/s  p50 {result['p50_ms']:6.2f} ms  "
                     f"errors {result['errors']}",
                     flush=True,
@@ -554,6 +563,22 @@ def table(summary: dict[str, dict[int, dict[str, float]]], concurrency: list[int
             )
 
 
+def metrics_cost(summary: dict[str, dict[int, dict[str, float]]]) -> Iterator[str]:
+    """What turning metrics on costs: `approvals+metrics` against `approvals`, per client count."""
+    if METRICS_ROW not in summary or "approvals" not in summary:
+        return
+    for clients, on in summary[METRICS_ROW].items():
+        off = summary["approvals"][clients]
+        cpu_off, cpu_on = off["cpu_s_per_1000"], on["cpu_s_per_1000"]
+        rate = on["calls_per_s"] / off["calls_per_s"] - 1
+        plural = "" if clients == 1 else "s"
+        yield (
+            f"Metrics on, {clients} client{plural}: gateway CPU {cpu_on - cpu_off:+.3f} s / 1k calls "
+            f"({cpu_on / cpu_off - 1:+.1%}: {cpu_off:.3f} → {cpu_on:.3f}), "
+            f"calls/s {rate:+.1%} ({off['calls_per_s']:,.0f} → {on['calls_per_s']:,.0f})"
+        )
+
+
 def goals(results: dict[str, Any]) -> Iterator[tuple[str, bool, str]]:
     summary = results["throughput"]
     if "approvals" in summary and "direct" in summary:
@@ -602,6 +627,10 @@ def report(results: dict[str, Any], concurrency: list[int]) -> str:
     lines = [f"machine: {results['machine']}", f"command: {results['command']}", ""]
     if results.get("throughput"):
         lines += ["Allowed calls (tools/call `echo`):", "", *table(results["throughput"], concurrency), ""]
+        if cost := list(metrics_cost(results["throughput"])):
+            lines += [*cost, ""]
+    if scrape := results.get("metrics_scrape"):
+        lines += [scrape["line"], ""]
     if latency := results.get("decision_latency"):
         lines += [
             f"Decision → upstream ({latency['calls']} calls approved one after another through the API): "
@@ -674,6 +703,12 @@ def arguments() -> argparse.Namespace:
         action="store_true",
         help="also run a gateway with the other upstream client, in the same interleaved rounds",
     )
+    parser.add_argument(
+        "--no-metrics-row",
+        action="store_true",
+        help=f"leave out {METRICS_ROW}, the gateway with its Prometheus metrics on, run by default "
+        "beside approvals to show what metrics cost per call",
+    )
     return parser.parse_args()
 
 
@@ -695,6 +730,56 @@ def start_gateway(
     process = procs.start(f"gateway{suffix}", command, env)
     port = int(read_line(process, "approvals gateway listening on").rsplit(":", 1)[1])
     return Target(target, f"http://127.0.0.1:{port}/mcp/bench", [process.pid], env["BENCH_AGENT_TOKEN"])
+
+
+def gateway_base(gateway: Target) -> str:
+    """http://127.0.0.1:<port> of a gateway target (its API, /metrics)."""
+    return gateway.url.removesuffix("/mcp/bench")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A further gateway in the allowed-call rounds, beside `approvals` and different in one way."""
+
+    name: str  # its row in the table
+    client: str  # its client for the upstream POSTs
+    env: dict[str, str]  # over the environment of `approvals`
+    suffix: str  # of its config, store and log file names
+
+
+def variants(args: argparse.Namespace, database: str | None, metrics_token: str) -> list[Variant]:
+    """The gateways the switches add: metrics on (unless --no-metrics-row), --ab, --store-url."""
+    found: list[Variant] = []
+    if not args.no_metrics_row:
+        on = {METRICS_TOKEN_ENV: metrics_token}
+        found.append(Variant(METRICS_ROW, args.upstream_client, on, "-metrics"))
+    if args.ab:
+        other = next(c for c in UPSTREAM_CLIENTS if c != args.upstream_client)
+        found.append(Variant(f"approvals-{other}", other, {}, f"-{other}"))
+    if database is not None:
+        on_postgres = {"APPROVALS_DATABASE_URL": database}
+        found.append(Variant("approvals-postgres", args.upstream_client, on_postgres, "-postgres"))
+    return found
+
+
+async def scrape_metrics(off: Target, on: Target, token: str) -> dict[str, Any]:
+    """One scrape of `on`'s /metrics with the token, and one of `off`'s: proof that the first
+    row measured metrics on (200, calls counted) and the second off (404)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gateway_base(off)}/metrics") as response:
+            off_status = response.status
+        headers = {"Authorization": f"Bearer {token}"}
+        async with http.get(f"{gateway_base(on)}/metrics", headers=headers) as response:
+            status, text = response.status, await response.text()
+    samples = [line for line in text.splitlines() if line.startswith(METRICS_COUNTER + "{")]
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in samples)
+    ok = status == 200 and counted > 0 and off_status == 404
+    verdict = "ok" if ok else "FAILED: the rows did not measure what they say"
+    line = (
+        f"Metrics check: {on.name} GET /metrics {status}, {METRICS_COUNTER} counted {counted:,.0f} calls; "
+        f"{off.name} GET /metrics {off_status} (off) — {verdict}"
+    )
+    return {"ok": ok, "status": status, "counted": counted, "off_status": off_status, "line": line}
 
 
 @contextlib.asynccontextmanager
@@ -732,6 +817,7 @@ async def measure(args: argparse.Namespace, procs: Processes, database: str | No
     shutil.copy(BENCH / "config" / "policy.json", workdir / "policy.json")
     names = args.only or ["direct", "approvals", "fastmcp", "mcp-proxy"]
     agent_token, reviewer_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    metrics_token = secrets.token_urlsafe(32)
 
     upstream = procs.start("upstream", [PYTHON, str(BENCH / "upstream.py")])
     upstream_port = int(read_line(upstream, "listening").split()[1])
@@ -740,22 +826,20 @@ async def measure(args: argparse.Namespace, procs: Processes, database: str | No
         "BENCH_UPSTREAM_URL": upstream_url,
         "BENCH_AGENT_TOKEN": agent_token,
         "BENCH_REVIEWER_TOKEN": reviewer_token,
+        METRICS_TOKEN_ENV: "",  # metrics off, even if the bench's own environment has the token
     }
     gateway = start_gateway(procs, "approvals", args.upstream_client, env)
     gateway_pid = gateway.pids[0]
-    gateway_base = gateway.url.removesuffix("/mcp/bench")
     targets = {"direct": Target("direct", upstream_url, [upstream.pid])}
     targets["approvals"] = gateway
-    if args.ab and "approvals" in names:
-        other = next(c for c in UPSTREAM_CLIENTS if c != args.upstream_client)
-        targets["approvals-ab"] = start_gateway(procs, f"approvals-{other}", other, env, f"-{other}")
-        names = [*names, "approvals-ab"]
-    if database is not None and "approvals" in names:
-        on_postgres = {**env, "APPROVALS_DATABASE_URL": database}
-        targets["approvals-postgres"] = start_gateway(
-            procs, "approvals-postgres", args.upstream_client, on_postgres, "-postgres"
+    extra: list[str] = []
+    for variant in variants(args, database, metrics_token) if "approvals" in names else []:
+        environment = {**env, **variant.env}
+        targets[variant.name] = start_gateway(
+            procs, variant.name, variant.client, environment, variant.suffix
         )
-        names = [*names, "approvals-postgres"]
+        extra.append(variant.name)
+    names = [*names, *extra]
     if "fastmcp" in names:
         venv = ensure_venv("fastmcp", FASTMCP_REQUIREMENT)
         proc = procs.start(
@@ -782,7 +866,7 @@ async def measure(args: argparse.Namespace, procs: Processes, database: str | No
         proc = procs.start("mcp-proxy", outer)
         wait_port(port)
         targets["mcp-proxy"] = Target("mcp-proxy", f"http://127.0.0.1:{port}/mcp", [proc.pid])
-    order = ["direct", "approvals", "approvals-ab", "approvals-postgres", "fastmcp", "mcp-proxy"]
+    order = ["direct", "approvals", *extra, "fastmcp", "mcp-proxy"]
     chosen = [targets[n] for n in order if n in names]
 
     results: dict[str, Any] = {
@@ -818,13 +902,17 @@ async def measure(args: argparse.Namespace, procs: Processes, database: str | No
     results["throughput"] = await throughput(chosen, args.clients, args.rounds, args.duration, args.warmup)
     if "approvals" in names and (args.decisions or args.held):
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.approvers)) as http:
-            api = Api(http, gateway_base, f"http://127.0.0.1:{upstream_port}", reviewer_token)
+            api = Api(http, gateway_base(gateway), f"http://127.0.0.1:{upstream_port}", reviewer_token)
             if args.decisions:
                 print(f"decision latency: {args.decisions} held calls approved one by one", flush=True)
                 results["decision_latency"] = await decision_latency(api, gateway, args.decisions)
             if args.held:
                 print(f"held calls: {args.held:,} held at once, then approved in bulk", flush=True)
                 results["held"] = await held_calls(api, gateway, args.held, args.approvers)
+    if METRICS_ROW in targets:
+        scrape = await scrape_metrics(gateway, targets[METRICS_ROW], metrics_token)
+        print(scrape["line"], flush=True)
+        results["metrics_scrape"] = scrape
     if profiler is not None:
         profiler.send_signal(2)
         profiler.wait(30)
