@@ -1,8 +1,8 @@
 """The id of the HTTP request the running code serves, in a context variable (no dependencies).
 
 Set by the web side for each request (approvals.log_format.request_ids) and inherited by the tasks
-it starts; read by the log formatter, and by anything that records what a request caused (the
-audit log's detail) without importing the web side.
+it starts; read by the log formatter, and by the stores, which write it into each audit event the
+request caused (`AuditEvent.request_id`), without importing the web side.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import httpx2
 import pytest
@@ -28,6 +29,7 @@ from approvals.policy_files import WATCH_INTERVAL_SECONDS
 from approvals.proxy.gate import Gate
 from approvals.web.app import create_app
 from approvals.web.keys import GATEKEEPER, SERVICE
+from tests.conformance_kit import conformance_upstream
 from tests.upstreams import start_everything
 
 TOKEN_A = "agent-a-token-0123456789abcdef"
@@ -112,6 +114,20 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     yield start
     for server in servers:
         await server.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain HTTP client for raw requests to a gateway or an upstream."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def dual_url() -> AsyncIterator[str]:
+    """The `mcp` SDK's MCPServer with the conformance fixtures (it speaks both eras); its URL."""
+    async with conformance_upstream() as url:
+        yield url
 
 
 @asynccontextmanager

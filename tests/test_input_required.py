@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import pytest
 
 from approvals.config import sha256_hex
 from approvals.proxy.request_state import Judged, RequestStates, StateError
-from tests.conformance_kit import conformance_upstream
 from tests.conftest import WAIT, StartGateway
 from tests.modern_kit import ASK_NAME, NAME_ANSWER, call, post, start_policed
 
@@ -25,18 +23,6 @@ ONCE_A_MINUTE = {
     "default": "allow",
     "tools": {ASK_NAME: {"limits": [{"counter": "ask", "window": "minute", "max": 1, "scope": "grant"}]}},
 }
-
-
-@pytest.fixture
-async def dual_url() -> AsyncIterator[str]:
-    async with conformance_upstream() as url:
-        yield url
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def _state(answer: dict[str, Any]) -> str:

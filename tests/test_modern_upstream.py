@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from mcp import types
 
 from approvals.proxy.keys import GATEWAY
 from approvals.proxy.modern_upstream import Eras
-from tests.conformance_kit import conformance_upstream
 from tests.conftest import DEMO_COMMAND, WAIT, StartGateway, mcp_client
 from tests.modern_kit import (
     ASK_NAME,
@@ -32,19 +29,6 @@ from tests.modern_upstream import start_modern_only, start_one_era
 from tests.upstreams import start_everything
 
 ALLOW_ALL = {"version": "1", "default": "allow"}
-
-
-@pytest.fixture
-async def dual_url() -> AsyncIterator[str]:
-    """The `mcp` SDK's MCPServer with the conformance fixtures: it speaks both eras."""
-    async with conformance_upstream() as url:
-        yield url
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_eras_are_learned_per_upstream(start_gateway: StartGateway, dual_url: str) -> None:

@@ -39,12 +39,6 @@ for line in sys.stdin:
 INIT = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
 
 
-@pytest.fixture
-async def http() -> Any:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def stub(marker: str) -> dict[str, dict[str, Any]]:
     """The stub as the upstream "stub"; `marker` on its command line finds its processes."""
     return {"stub": {"command": [sys.executable, "-c", STUB, marker]}}

@@ -6,7 +6,6 @@ import asyncio
 import json
 from typing import Any
 
-import aiohttp
 import pytest
 from mcp.shared.exceptions import MCPError
 
@@ -25,12 +24,6 @@ from tests.conftest import PROBE_COMMAND, TOKEN_A, TOKEN_B, StartGateway, mcp_cl
 from tests.rawmcp import RawSession
 
 PROBE = {"probe": {"command": PROBE_COMMAND}}
-
-
-@pytest.fixture
-async def http() -> Any:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_missing_or_wrong_token_is_refused_with_a_challenge(

@@ -119,12 +119,6 @@ async def lenient() -> AsyncIterator[tuple[Lenient, str]]:
     await server.close()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def _judged_gateway(start_gateway: StartGateway, tmp_path: Path, url: str) -> Running:
     (tmp_path / "policy.json").write_text(json.dumps(POLICY))
     upstreams = {"lenient": {"url": url, "policy": "policy.json"}}

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -109,12 +108,6 @@ async def test_server_to_client_request_is_refused_not_hung(start_gateway: Start
 @pytest.fixture
 async def demo(start_gateway: StartGateway) -> Running:
     return await start_gateway({"demo": {"command": DEMO_COMMAND}})
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def _request(method: str, params: dict[str, Any] | None = None, request_id: int = 7) -> dict[str, Any]:
