@@ -278,7 +278,7 @@ MESSAGES += [{"method": "resources/list"}, {"method": "notifications/cancelled",
 GETS = ["/api/approvals?status=pending&limit=5", "/api/approvals/{id}", "/api/audit", "/inbox"]
 GETS += ["/inbox/events", "/inbox/history", "/inbox/history.csv", "/inbox/history.json", "/inbox/login"]
 GETS += ["/inbox/approvals/{id}", "/inbox/login/link?t=x", "/", "/healthz", "/metrics", "/static/inbox.css"]
-GETS += ["/mcp/nope", "/api/x"]
+GETS += ["/mcp/nope", "/api/x", "/inbox/stats", "/inbox/stats?days=30", "/docs"]
 
 
 def mcp(ctx: Context, rng: random.Random) -> Req:
