@@ -132,6 +132,7 @@ class Principal:
     token_sha256: str
     owner: str | None = None  # grants: the reviewer who runs this agent
     slack_user_id: str | None = None  # reviewers
+    groups: tuple[str, ...] = ()  # reviewers: the groups a policy's approval.reviewers may name
 
 
 @dataclass(frozen=True, slots=True)

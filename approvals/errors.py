@@ -78,7 +78,18 @@ class StoreError(ApprovalsError):
     """The backing database failed or is unusable; the operation did not happen."""
 
 
-RefusalKind = Literal["unknown", "own_agent", "not_reviewer", "already_decided", "expired"]
+RefusalKind = Literal[
+    "unknown",
+    "own_agent",
+    "not_reviewer",
+    "already_decided",
+    "expired",
+    "not_eligible",  # outside the groups that may decide this call (approvals.core.review)
+    "step_up",  # the rule accepts decisions only through other channels (e.g. the inbox)
+    "already_voted",  # this reviewer's approval is counted already; the quorum needs another
+    "edit_refused",  # the rule forbids editing, or the edit is not valid for the tool
+    "remember_refused",  # the rule forbids standing grants, or the grant asked for is not valid
+]
 
 
 class DecisionRefused(ApprovalsError):

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard, TypeVar
 
+from approvals.core.review import DEFAULT_REVIEW, ReviewRule
 from approvals.durations import parse_duration
 from approvals.errors import ApprovalsError, Issue
 
@@ -108,7 +109,12 @@ class Decision:
     reason: str | None  # for deny: what the agent is told
     explanation: str  # why, for reviewers and the audit log
     limits: tuple[Limit, ...]  # all_tools limits then the rule's own; empty when denied
-    approval_timeout: float | None  # seconds; None = the gateway default
+    review: ReviewRule  # how a held call must be reviewed (the rule's `approval` object)
+
+    @property
+    def approval_timeout(self) -> float | None:
+        """Seconds a held call waits for a decision; None = the gateway default."""
+        return self.review.timeout
 
 
 # A condition's verdict on one call: the bits of what it may do under the readings the upstream
@@ -155,7 +161,7 @@ class _Rule:
     deny_if: tuple[_Condition, ...]
     approval_if: tuple[_Condition, ...]
     limits: tuple[Limit, ...]  # all_tools limits first
-    timeout: float | None
+    review: ReviewRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +220,7 @@ class Policy:
                 if verdict & _HOLDS:
                     why = f"rule {rule.key}: approval_if {cond.text} ({_shown(found, value)})"
                     code = "approval_required"
-                    return Decision("require_approval", rule.key, code, None, why, rule.limits, rule.timeout)
+                    return Decision("require_approval", rule.key, code, None, why, rule.limits, rule.review)
         return entry.passed
 
     def may_need_approval(self, tool: str) -> bool:
@@ -243,7 +249,9 @@ class Policy:
         for regex, pattern in self._hide:
             if regex.match(tool):
                 why = f"tool {name} matches hide entry {_quote(pattern)}"
-                return Decision("deny", "hide", "hidden", f"tool {name} is not available", why, (), None)
+                return Decision(
+                    "deny", "hide", "hidden", f"tool {name} is not available", why, (), DEFAULT_REVIEW
+                )
         rule = self._exact.get(tool) or next((r for rx, r in self._globs if rx.match(tool)), self._default)
         conditional = bool(rule.require or rule.deny_if or rule.approval_if)
         if rule is self._default:
@@ -253,7 +261,7 @@ class Policy:
         if rule.action == "deny":
             return _deny(rule, "denied", rule.reason or f"tool {name} is not allowed by policy", why)
         code = "allowed" if rule.action == "allow" else "approval_required"
-        passed = Decision(rule.action, rule.key, code, None, why, rule.limits, rule.timeout)
+        passed = Decision(rule.action, rule.key, code, None, why, rule.limits, rule.review)
         # Only a rule with conditions needs the arguments; any other outcome is fixed per name.
         return _Plan(rule, passed) if conditional else passed
 
@@ -355,7 +363,9 @@ class _Parser:
             return None
         exact = {r.key: r for r in rules if r is not None and not _GLOB_TOKEN.search(r.key)}
         globs = [r for r in rules if r is not None and r.key not in exact]
-        return Policy(_Rule("default", default, None, (), (), (), base, None), exact, globs, list(hide))
+        return Policy(
+            _Rule("default", default, None, (), (), (), base, DEFAULT_REVIEW), exact, globs, list(hide)
+        )
 
     def rule(self, key: str, raw: object, base: tuple[Limit, ...]) -> _Rule | None:
         path = f"tools.{key}" if _PLAIN_KEY.fullmatch(key) else f"tools[{_quote(key)}]"
@@ -377,11 +387,11 @@ class _Parser:
         if "rate_limit" in raw:
             shorthand = self.rate_limit(key, raw["rate_limit"], f"{path}.rate_limit")
             limits += (shorthand,) if shorthand is not None else ()
-        timeout = self.approval(raw.get("approval", {}), f"{path}.approval")
+        review = self.approval(raw.get("approval", {}), f"{path}.approval")
         reason = raw.get("reason")
         if action is None or not (reason is None or isinstance(reason, str)):
             return None
-        return _Rule(key, action, reason, require, deny_if, approval_if, base + limits, timeout)
+        return _Rule(key, action, reason, require, deny_if, approval_if, base + limits, review)
 
     def hide_entry(self, raw: object, path: str) -> str | None:
         if isinstance(raw, str) and raw:
@@ -389,15 +399,16 @@ class _Parser:
         self.fail(path, "must be a non-empty tool name or glob")
         return None
 
-    def approval(self, raw: object, path: str) -> float | None:
+    def approval(self, raw: object, path: str) -> ReviewRule:
         if not self.object(raw, path):
-            return None
+            return DEFAULT_REVIEW
         self.fields(raw, path, ("timeout",))
         try:
-            return parse_duration(raw["timeout"]) if "timeout" in raw else None
+            timeout = parse_duration(raw["timeout"]) if "timeout" in raw else None
         except ValueError as exc:
             self.fail(f"{path}.timeout", str(exc))
-            return None
+            return DEFAULT_REVIEW
+        return ReviewRule(timeout=timeout)
 
     def condition(self, raw: object, path: str) -> _Condition | None:
         if not self.object(raw, path, ' like {"path": "args.x", "op": "exists"}'):
@@ -745,7 +756,7 @@ def _glob_order(rule: _Rule) -> tuple[int, int, int, str]:
 
 
 def _deny(rule: _Rule, code: str, reason: str, explanation: str) -> Decision:
-    return Decision("deny", rule.key, code, reason, explanation, (), None)
+    return Decision("deny", rule.key, code, reason, explanation, (), DEFAULT_REVIEW)
 
 
 def _holds_text(cond: _Condition, verdict: int) -> str:

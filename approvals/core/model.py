@@ -58,8 +58,10 @@ STATUSES: tuple[Status, ...] = get_args(Status)
 FINAL: frozenset[Status] = frozenset({"denied", "expired", "cancelled", "completed", "failed"})
 
 # The allowed edges, by source state. Final states have no entry, so nothing leaves them.
+# pending → pending records a step on the way to a decision (a vote short of the quorum, an edit,
+# an escalation), conditional on the record's version so two of them never overwrite each other.
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
-    "pending": frozenset({"approved", "denied", "expired", "cancelled"}),
+    "pending": frozenset({"pending", "approved", "denied", "expired", "cancelled"}),
     "approved": frozenset({"released", "expired", "pending"}),
     "released": frozenset({"completed", "failed"}),
 }
@@ -102,6 +104,16 @@ class Approval:
     # may another process (or a restart) conclude it was interrupted.
     lease_owner: str | None = None
     lease_expires_at: float | None = None
+    # How it must be reviewed (approvals.core.review.ReviewRule.to_json; "" = one reviewer, anyone),
+    # kept from the policy at the request so later policy changes do not move the goalposts.
+    review_json: str = ""
+    # The approvals given so far (review.Vote, JSON); the call is approved once they meet the quorum.
+    votes_json: str = ""
+    # Arguments a reviewer changed before approving: released instead of `arguments_json`.
+    edited_json: str | None = None
+    edited_sha256: str | None = None
+    edited_by: str | None = None
+    escalated: int = 0  # escalation steps announced so far
     # The JSON fields parsed once, on first use, by whoever reads them first.
     _parsed: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -109,6 +121,18 @@ class Approval:
     def arguments(self) -> dict[str, Any]:
         """The arguments as received (the object release forwards)."""
         return self._json("arguments_json", self.arguments_json)  # type: ignore[no-any-return]
+
+    @property
+    def release_arguments(self) -> dict[str, Any]:
+        """What release forwards: the reviewer's edit when there is one, else the call as received."""
+        if self.edited_json is not None:
+            return self._json("edited_json", self.edited_json)  # type: ignore[no-any-return]
+        return self.arguments
+
+    @property
+    def release_sha256(self) -> str:
+        """The hash of :attr:`release_arguments` (the arguments approvals are bound to)."""
+        return self.edited_sha256 or self.args_sha256
 
     @property
     def tool_definition(self) -> dict[str, Any] | None:
@@ -157,7 +181,9 @@ APPROVAL_FIELDS: frozenset[str] = frozenset(STORED_FIELDS)
 # Set by the store itself on every transition.
 _STORE_MANAGED = frozenset({"id", "status", "version"})
 # What was asked and by whom: a reviewer approved exactly these, so no transition may change them.
-_REQUEST = frozenset({"upstream", "tool", "arguments_json", "args_sha256", "grant", "owner", "created_at"})
+_REQUEST = frozenset(
+    {"upstream", "tool", "arguments_json", "args_sha256", "grant", "owner", "created_at", "review_json"}
+)
 # Fields that say how the outcome was delivered, not what was decided: update_fields may touch them.
 UPDATABLE_FIELDS: frozenset[str] = frozenset(
     {"note", "result_delivered", "result_json", "result_expires_at", "session_id"}

@@ -4,6 +4,7 @@ the core imports none of them.
 
     ApprovalStore   approvals and their append-only audit log (a hash chain); every transition a
                     compare-and-set
+    StandingGrantStore  remembered decisions ("approve and remember") and their uses
     AuditSinkStore  where each audit sink has delivered up to, and which process delivers it
     CounterStore    the durable home of rate-limit counters (written behind, absolute values)
     Counters        the rate limits themselves: an async, atomic reserve and its rollback
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from approvals.core.model import Approval, AuditEvent, Status
+from approvals.core.standing import StandingGrant
 from approvals.jsonrpc import JsonObject
 
 if TYPE_CHECKING:  # limits.py implements Counters and imports CounterStore from here
@@ -33,6 +35,7 @@ __all__ = [
     "CounterStore",
     "Counters",
     "Listener",
+    "StandingGrantStore",
     "Store",
     "UpstreamCaller",
     "Watch",
@@ -137,9 +140,14 @@ class ApprovalStore(Protocol):
         actor: str,
         channel: str,
         event: str | None = None,
+        version: int | None = None,
         **fields: object,
     ) -> Approval | None:
         """Move the record to ``to`` if its current status is in ``from_``; the new record, or None.
+
+        With ``version``, only if the record's version is still that one too: ``pending → pending``
+        steps (a vote short of the quorum, an edit, an escalation) are always made this way, so
+        two reviewers voting at once never overwrite each other's vote.
 
         One conditional update that also increments ``version`` and sets ``fields`` (Approval
         fields other than the request and the store-managed ``id``/``status``/``version``), plus
@@ -226,6 +234,46 @@ class ApprovalStore(Protocol):
         ...
 
 
+class StandingGrantStore(Protocol):
+    """Standing grants (:mod:`approvals.core.standing`): remembered decisions for later calls.
+
+    Each write appends one audit event in the same transaction, with the grant's id (``sg_…``) in
+    the event's ``approval_id``: "granted", "used", "revoked".
+    """
+
+    async def create_standing(self, grant: StandingGrant, *, actor: str, channel: str) -> None:
+        """Insert a new grant and its "granted" audit event (detail: the constraints, effect, until)."""
+        ...
+
+    async def get_standing(self, grant_id: str) -> StandingGrant | None: ...
+
+    async def list_standing(
+        self, *, active_at: float | None = None, grant: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[StandingGrant]:
+        """Newest first; with ``active_at``, only those active then (not revoked, not expired, not
+        used up)."""
+        ...
+
+    async def standing_for(self, upstream: str, tool: str, grant: str, now: float) -> list[StandingGrant]:
+        """The grants active at ``now`` for this agent's calls of this tool, deny ones first, then
+        oldest first."""
+        ...
+
+    async def use_standing(
+        self, grant_id: str, now: float, *, actor: str, channel: str, args_sha256: str
+    ) -> StandingGrant | None:
+        """Count one use, if the grant is still active at ``now`` (one conditional update: of two
+        calls racing for the last use, one gets it); the grant as it now is, or None. Appends a
+        "used" audit event (actor: the agent's grant name)."""
+        ...
+
+    async def revoke_standing(
+        self, grant_id: str, now: float, *, actor: str, channel: str
+    ) -> StandingGrant | None:
+        """Revoke it if it is not revoked yet; the revoked grant, or None (unknown or already revoked)."""
+        ...
+
+
 class AuditSinkStore(Protocol):
     """Where an audit sink (:mod:`approvals.audit_sink`) has delivered up to, and the lease of the
     one process delivering it, so processes sharing a store never send the same events together."""
@@ -248,7 +296,7 @@ class AuditSinkStore(Protocol):
         ...
 
 
-class Store(CounterStore, ApprovalStore, AuditSinkStore, Protocol):
+class Store(CounterStore, ApprovalStore, StandingGrantStore, AuditSinkStore, Protocol):
     """The whole store the app opens once and closes on shutdown.
 
     Each concern is its own small protocol (``CounterStore``, ``ApprovalStore``, ``AuditSinkStore``)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from approvals.config import Principal, Settings
-from approvals.core import render
+from approvals.core.deciding import RememberRequest, ReviewState
 from approvals.core.holds import ApprovalHold
 from approvals.core.leases import LIVE_OWNERS
 from approvals.core.model import (
@@ -47,8 +47,10 @@ from approvals.core.model import (
     sha256_of,
 )
 from approvals.core.ports import ApprovalStore, Change, ChangeFeed, Counters, UpstreamCaller
-from approvals.core.release import APPROVED_LEASE_SECONDS, Releasing
-from approvals.errors import DecisionRefused, RefusalKind
+from approvals.core.release import Releasing
+from approvals.core.standing import StandingGrant
+from approvals.core.why import Why, explain
+from approvals.errors import DecisionRefused
 from approvals.jsonrpc import JsonObject
 from approvals.limits import LimitRefusal, Reservation
 from approvals.outcomes import (
@@ -272,39 +274,83 @@ class ApprovalService(Releasing):
     # ---- decisions -------------------------------------------------------------------------
 
     async def decide(
-        self, approval_id: str, reviewer: Principal, *, approve: bool, reason: str | None, channel: str
+        self,
+        approval_id: str,
+        reviewer: Principal,
+        *,
+        approve: bool,
+        reason: str | None,
+        channel: str,
+        arguments: Mapping[str, object] | None = None,
+        remember: RememberRequest | None = None,
     ) -> Approval:
-        """A reviewer's decision; the first one wins. Raises DecisionRefused with its kind."""
-        approval = await self.store.get_approval(approval_id)
-        if approval is None:
-            raise DecisionRefused("unknown", f"no approval {approval_id!r}")
-        if approval.owner == reviewer.name:
-            raise DecisionRefused(
-                "own_agent",
-                f"{reviewer.name} runs agent {approval.grant}: a reviewer may not approve "
-                "their own agent's calls",
-                approval,
-            )
-        now = self.clock()
-        if approval.status == "pending" and now >= approval.expires_at:
-            await self._finish(approval, "pending", "expired", reason="no decision before the timeout")
-        to: Status = "approved" if approve else "denied"
-        fields: dict[str, Any] = {"decided_at": now, "decided_by": reviewer.name, "decided_via": channel}
-        if reason:
-            fields["reason"] = reason
-        if approve:  # this process releases it; if it stops first, another one will (release.py)
-            fields.update(lease_owner=self.owner, lease_expires_at=now + APPROVED_LEASE_SECONDS)
-        decided = await self._move(approval_id, _PENDING, to, actor=reviewer.name, channel=channel, **fields)
-        if decided is None:
-            current = await self.store.get_approval(approval_id)
-            assert current is not None
-            kind: RefusalKind = "expired" if current.status == "expired" else "already_decided"
-            raise DecisionRefused(kind, render.already_decided(current), current)
-        if approve:
-            self._start_release(decided)
-        else:
-            await self._settle(decided)
+        """A reviewer's decision; the record after it. Raises DecisionRefused with its kind.
+
+        ``status == "pending"`` after an approval means it was counted and the quorum needs more.
+        ``arguments``: approve the call with these arguments instead (edit before approve).
+        ``remember``: also save a standing grant for later calls like this one.
+        """
+        decided, _ = await self.decide_and_remember(
+            approval_id, reviewer, approve=approve, reason=reason, channel=channel,
+            arguments=arguments, remember=remember,
+        )  # fmt: skip
         return decided
+
+    async def decide_and_remember(
+        self,
+        approval_id: str,
+        reviewer: Principal,
+        *,
+        approve: bool,
+        reason: str | None,
+        channel: str,
+        arguments: Mapping[str, object] | None = None,
+        remember: RememberRequest | None = None,
+    ) -> tuple[Approval, StandingGrant | None]:
+        """:meth:`decide`, and the standing grant it saved (None when none was asked for)."""
+        raise NotImplementedError
+
+    async def decide_many(
+        self,
+        approval_ids: Sequence[str],
+        reviewer: Principal,
+        *,
+        approve: bool,
+        reason: str | None,
+        channel: str,
+    ) -> list[tuple[str, Approval | DecisionRefused]]:
+        """Each id decided on its own, in order: the record after it, or why it was refused (a
+        request decided elsewhere meanwhile is reported, never overwritten)."""
+        raise NotImplementedError
+
+    def review_state(self, approval: Approval) -> ReviewState:
+        """Where the approval's review stands (quorum progress, escalation, what may be offered)."""
+        raise NotImplementedError
+
+    def refusal_for(self, approval: Approval, reviewer: Principal, channel: str) -> str | None:
+        """Why this reviewer may not decide this approval through ``channel`` now (shown with the
+        request read-only), or None when they may."""
+        raise NotImplementedError
+
+    async def why(self, approval: Approval) -> Why:
+        """What makes the call risky (core.why)."""
+        return await explain(self.store, approval, self.clock())
+
+    # ---- standing grants -------------------------------------------------------------------
+
+    async def list_standing(
+        self, *, active: bool = False, grant: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[StandingGrant]:
+        """Newest first; ``active`` keeps only those that apply now."""
+        raise NotImplementedError
+
+    async def get_standing(self, grant_id: str) -> StandingGrant | None:
+        raise NotImplementedError
+
+    async def revoke_standing(self, grant_id: str, reviewer: Principal, channel: str) -> StandingGrant:
+        """Revoke at once; raises DecisionRefused ("unknown", or "already_decided" when it was
+        revoked already)."""
+        raise NotImplementedError
 
     async def cancel(self, approval_id: str, reason: str) -> None:
         """The client cancelled its held call: a pending request is withdrawn (approved ones go on)."""

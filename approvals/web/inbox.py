@@ -29,7 +29,15 @@ from aiohttp import web
 from approvals.auth import TokenIndex
 from approvals.config import Settings
 from approvals.core.service import ApprovalService
-from approvals.web import inbox_charts, inbox_dashboard, inbox_history, inbox_login, inbox_views
+from approvals.web import (
+    inbox_batch,
+    inbox_charts,
+    inbox_dashboard,
+    inbox_grants,
+    inbox_history,
+    inbox_login,
+    inbox_views,
+)
 from approvals.web import inbox_format as fmt
 from approvals.web.inbox_auth import InboxAuth
 from approvals.web.inbox_state import InboxState, InboxStateStore
@@ -101,6 +109,10 @@ def setup(app: web.Application, settings: Settings, service: ApprovalService, au
     add.add_get("/inbox/approvals/{id}", inbox_views.detail)
     add.add_post("/inbox/approvals/{id}/approve", inbox_views.approve)
     add.add_post("/inbox/approvals/{id}/deny", inbox_views.deny)
+    add.add_post("/inbox/batch", inbox_batch.batch)
+    add.add_get("/inbox/grants", inbox_grants.grants_page)
+    add.add_post("/inbox/grants/{id}/revoke", inbox_grants.revoke)
+    add.add_get("/inbox/grants/{id}/export", inbox_grants.export)
     add.add_get("/inbox/history", inbox_history.history)
     add.add_get("/inbox/history.csv", inbox_history.history_csv)
     add.add_get("/inbox/history.json", inbox_history.history_json)
