@@ -144,6 +144,9 @@ class SlackSettings:
     app_token: str | None = field(repr=False)
     api_url: str | None
     team_id: str | None = None  # when set, clicks from any other Slack workspace are refused
+    # A channel per reviewer group: a request goes to the channels of the groups that may decide it
+    # (else `channel`), an escalation to the channels of the groups it is escalated to.
+    group_channels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

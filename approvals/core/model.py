@@ -114,6 +114,7 @@ class Approval:
     edited_sha256: str | None = None
     edited_by: str | None = None
     escalated: int = 0  # escalation steps announced so far
+    escalate_at: float | None = None  # when the next escalation step is due (None: no more steps)
     # The JSON fields parsed once, on first use, by whoever reads them first.
     _parsed: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
