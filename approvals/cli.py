@@ -1,4 +1,4 @@
-"""The `approvals` command: serve, check, token, and the reviewer's list, approve, deny.
+"""The `approvals` command: serve, check, token, and the reviewer's list, approve, deny, standing.
 
 Every failure a user can cause (bad config, bad policy, a port in use) ends in a message that says
 what is wrong and where, and exit status 1 — never a traceback.
@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from approvals import cli_audit, cli_policy, review_client, supervisor
+from approvals import cli_audit, cli_policy, cli_review, supervisor
 from approvals.config import (
     MAX_WORKERS,
     MIN_TOKEN_LENGTH,
@@ -36,7 +36,6 @@ from approvals.config import (
     served_url,
     sha256_hex,
 )
-from approvals.core.model import STATUSES
 from approvals.errors import ApprovalsError, ConfigError, StoreError
 from approvals.gatekeeper import check_policies
 from approvals.gateway_secret import gateway_secret
@@ -50,7 +49,6 @@ from approvals.web.origin import LOOPBACK_NAMES
 DEFAULT_CONFIG = Path("config/gateway.toml")
 DEV_GRANT = "dev-agent"
 DEV_REVIEWER = "dev-reviewer"
-DEFAULT_URL = "http://127.0.0.1:8080"
 SHUTDOWN_GRACE_SECONDS = 10.0
 DEFAULT_INTERNAL_URL = "http://127.0.0.1:0"  # a worker's address for the others, by default
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
@@ -119,47 +117,10 @@ def _parser() -> argparse.ArgumentParser:
         help="the gateway's URL for the link (default: public_url if the config sets it, else"
         " $APPROVALS_URL, else the config's host and port)",
     )
-    url_help = f"the gateway's URL (default: $APPROVALS_URL or {DEFAULT_URL}); token from $APPROVALS_TOKEN"
-    listing = commands.add_parser("list", help="list approvals of a running gateway")
-    listing.add_argument(
-        "--status",
-        default="pending",
-        choices=(*STATUSES, "all"),
-        metavar="STATUS",
-        help="pending (default), approved, denied, …, or all",
-    )
-    approve = commands.add_parser("approve", help="approve a pending call")
-    approve.add_argument("id")
-    approve.add_argument("--reason", help="why (shown in the audit log)")
-    deny = commands.add_parser("deny", help="deny a pending call; the reason reaches the agent")
-    deny.add_argument("id")
-    deny.add_argument("--reason", required=True, help="why (the agent is told)")
-    for command in (listing, approve, deny):
-        command.add_argument("--url", help=url_help)
+    cli_review.add_parsers(commands)  # list, approve, deny, standing
     cli_audit.add_parser(commands)
     cli_policy.add_parser(commands)
     return parser
-
-
-def _review(args: argparse.Namespace) -> None:
-    url_env, token = reviewer_environment()
-    url = args.url or url_env or DEFAULT_URL
-    if not token:
-        review_client.fail("set APPROVALS_TOKEN to your reviewer token")
-    assert token is not None
-    try:
-        if args.command == "list":
-            status = None if args.status == "all" else args.status
-            print(asyncio.run(review_client.list_approvals(url, token, status)))
-        else:
-            print(asyncio.run(_decide(url, token, args)))
-    except review_client.ReviewError as exc:
-        review_client.fail(str(exc), exc.exit_status)
-
-
-async def _decide(url: str, token: str, args: argparse.Namespace) -> str:
-    approval_id = await review_client.resolve_id(url, token, args.id)
-    return await review_client.decide(url, token, approval_id, args.command == "approve", args.reason)
 
 
 T = TypeVar("T")
@@ -202,8 +163,8 @@ def _one_shot(args: argparse.Namespace) -> None:
     if args.command == "token":
         token = secrets.token_urlsafe(32)
         print(f"token:  {token}\nsha256: {sha256_hex(token)}")
-    elif args.command in ("list", "approve", "deny"):
-        _review(args)
+    elif args.command in cli_review.COMMANDS:
+        cli_review.run(args)
     elif args.command == "audit":
         if status := cli_audit.run(args):
             sys.exit(status)

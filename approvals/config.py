@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from approvals.durations import parse_duration
 from approvals.errors import ConfigError, Issue
+from approvals.policy_approval import group_names
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -518,10 +519,14 @@ class _Entry:
 
 def _read_principal(r: _Reader, path: str, t: Any, kind: str) -> _Entry | None:
     known = {"name", "token_env", "token_sha256"}
-    known |= {"owner"} if kind == "grant" else {"slack_user_id"}
+    known |= {"owner"} if kind == "grant" else {"slack_user_id", "groups"}
     if not isinstance(t, dict):
         r.error(path, f"must be a table (name = ..., token_env or token_sha256 = ...), not {_kind(t)}")
         return None
+    if kind == "grant" and "groups" in t:
+        # A group is whom a policy lets decide; an agent decides nothing, so its groups would mean nothing.
+        r.error(f"{path}.groups", "only [[reviewers]] have groups (a grant is an agent; it decides nothing)")
+        t = {k: v for k, v in t.items() if k != "groups"}
     r.unknown(t, path, known)
     if "name" not in t:
         r.error(f"{path}.name", "is required")
@@ -550,7 +555,8 @@ def _read_principal(r: _Reader, path: str, t: Any, kind: str) -> _Entry | None:
             r.error(f"{path}.token_sha256", "must be 64 hex digits (see `approvals token`)")
     owner = r.get(t, path, "owner", None, _string) if kind == "grant" else None
     slack = r.get(t, path, "slack_user_id", None, _string) if kind == "reviewer" else None
-    return _Entry(path, Principal(name, digest, owner, slack), token_key)
+    groups = group_names(r.error, t["groups"], f"{path}.groups") if "groups" in t else ()
+    return _Entry(path, Principal(name, digest, owner, slack, groups), token_key)
 
 
 def _read_principals(r: _Reader, data: Mapping[str, Any], key: str, kind: str) -> list[_Entry]:
@@ -594,13 +600,13 @@ def _check_principals(r: _Reader, grants: list[_Entry], reviewers: list[_Entry])
             first[digest] = entry.path
 
 
-def _read_slack(r: _Reader, data: Mapping[str, Any]) -> SlackSettings | None:
+def _read_slack(r: _Reader, data: Mapping[str, Any], groups: frozenset[str]) -> SlackSettings | None:
     if "slack" not in data:
         return None
     if not isinstance(data["slack"], dict):
         r.error("slack", f"must be a table ([slack] with channel and mode), not {_kind(data['slack'])}")
         return None
-    t = r.table(data, "", "slack", {"channel", "mode", "api_url", "team_id"})
+    t = r.table(data, "", "slack", {"channel", "mode", "api_url", "team_id", "group_channels"})
     mode = r.get(t, "slack", "mode", "http", _string)
     if mode not in ("http", "socket"):
         r.error("slack.mode", f'must be "http" or "socket" (got {mode!r})')
@@ -620,7 +626,35 @@ def _read_slack(r: _Reader, data: Mapping[str, Any]) -> SlackSettings | None:
         app_token=r.env.get("SLACK_APP_TOKEN"),
         api_url=r.get(t, "slack", "api_url", None, _http_url),
         team_id=r.get(t, "slack", "team_id", None, _string),
+        group_channels=_group_channels(r, t, groups),
     )
+
+
+def _group_channels(r: _Reader, t: Mapping[str, Any], groups: frozenset[str]) -> dict[str, str]:
+    """[slack] group_channels: a channel per reviewer group, each a group some reviewer is in
+    (a channel for a group nobody is in would be announced to with nobody able to decide)."""
+    raw = t.get("group_channels", {})
+    if not isinstance(raw, dict):
+        r.error(
+            "slack.group_channels", f'must be a table like {{ payments = "C0PAYMENTS" }}, not {_kind(raw)}'
+        )
+        return {}
+    channels: dict[str, str] = {}
+    for group, channel in raw.items():
+        where = f"slack.group_channels.{group}"
+        if group not in groups:
+            r.error(where, no_group_message(group, groups))
+        elif not isinstance(channel, str) or not channel.strip():
+            r.error(where, "must be a non-empty channel ID (C0...)")
+        else:
+            channels[group] = channel
+    return channels
+
+
+def no_group_message(group: str, groups: Iterable[str]) -> str:
+    """The error for a group no [[reviewers]] entry is in (policy_files says it the same way)."""
+    known = ", ".join(sorted(groups)) or "none"
+    return f'no [[reviewers]] entry is in group "{group}" (groups: {known})'
 
 
 def _positive_hours(value: Any) -> float:
@@ -726,7 +760,7 @@ def parse_settings(data: Mapping[str, Any], source: Path, env: Mapping[str, str]
     grants = _read_principals(r, data, "grants", "grant")
     reviewers = _read_principals(r, data, "reviewers", "reviewer")
     _check_principals(r, grants, reviewers)
-    slack = _read_slack(r, data)
+    slack = _read_slack(r, data, frozenset(g for e in reviewers for g in e.principal.groups))
     inbox = _read_inbox(r, data)
     audit = _read_audit(r, data)
     metrics = _read_metrics(r, data)

@@ -89,6 +89,7 @@ RefusalKind = Literal[
     "already_voted",  # this reviewer's approval is counted already; the quorum needs another
     "edit_refused",  # the rule forbids editing, or the edit is not valid for the tool
     "remember_refused",  # the rule forbids standing grants, or the grant asked for is not valid
+    "changed",  # the arguments were edited since the reviewer looked (they approve what they saw)
 ]
 
 

@@ -85,7 +85,13 @@ class Gatekeeper:
             return "invalid", Admission(answer=_invalid_arguments(call.tool, problem))
         if decision.action == "require_approval":
             admission = await self.service.admit(call, decision)
-            return _approval_outcome(admission), admission
+            outcome = _approval_outcome(admission)
+            if outcome == "allowed":
+                log.info(
+                    "call of %s on %s allowed by standing grant %s",
+                    call.tool, call.upstream, (admission.meta or {}).get(META_KEY, {}).get("standing_grant"),
+                )  # fmt: skip
+            return outcome, admission
         reserved = await self.counters.reserve(
             decision.limits,
             grant=call.grant,
@@ -122,10 +128,12 @@ class Gatekeeper:
 
 
 def _approval_outcome(admission: Admission) -> Outcome:
-    """Held, unless the approval service answered at once: over a rate limit, or refused (too
-    many pending)."""
-    if admission.hold is not None or admission.answer is None:
+    """Held, unless the approval service answered at once: over a rate limit, refused (too many
+    pending, a remembered denial), or let through by a standing grant."""
+    if admission.hold is not None:
         return "held"
+    if admission.answer is None:
+        return "allowed"  # a standing grant covers it: forwarded like any allowed call
     meta = admission.answer.get("_meta", {}).get(META_KEY, {})
     return "rate_limited" if meta.get("code") in RATE_LIMIT_CODES else "denied"
 
@@ -140,7 +148,7 @@ def _timed(metrics: Metrics, upstream: str, admission: Admission) -> Admission:
         if settle is not None:
             await settle(response)
 
-    return Admission(on_result=timed)
+    return Admission(on_result=timed, meta=admission.meta)
 
 
 def _invalid_arguments(tool: str, problem: ArgumentProblem) -> JsonObject:

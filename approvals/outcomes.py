@@ -2,7 +2,8 @@
 
 Every answer is a `CallToolResult` with `isError: true` and machine-readable fields under
 `_meta.approvals` (code, approval_id, status, and what else applies), except a released call's
-outcome, which is the upstream's own response, untouched. Durations and who decided are worded
+outcome, which is the upstream's own response (with a note added when a reviewer changed the
+arguments before approving: :func:`with_edit_note`). Durations and who decided are worded
 by approvals.core.render, as every channel words them.
 """
 
@@ -13,6 +14,9 @@ import math
 
 from approvals.core import render
 from approvals.core.model import Approval
+from approvals.core.review import ReviewRule, progress, valid_votes, votes_from_json
+from approvals.core.standing import StandingGrant
+from approvals.core.why import diff_arguments
 from approvals.jsonrpc import JsonObject, tool_error
 from approvals.limits import LimitRefusal
 from approvals.policy import Decision
@@ -65,15 +69,29 @@ def pending_result(approval: Approval, now: float, url: str) -> JsonObject:
         )
         return tool_error(text, _meta(approval, "approval_approved", url=url))
     left = render.expires_in(approval.expires_at, now)
+    so_far = review_progress(approval)
     text = (
         f"Approval pending: calling {approval.tool} needs a reviewer's approval (request {approval.id}, "
-        f"expires {left}). Reviewers have been asked; the request is at {url}. "
+        f"expires {left}{'; ' + so_far if so_far else ''}). Reviewers have been asked; "
+        f"the request is at {url}. "
         "The call has not been made. "
         f"To get the outcome, call {approval.tool} again later with exactly the same arguments: while the "
         "request is pending the call waits for it again, and once it is decided you receive the tool's "
         "result or the reviewer's answer. Different arguments make a new request."
     )
-    return tool_error(text, _meta(approval, "approval_pending", url=url, expires_at=approval.expires_at))
+    extra = {"progress": so_far} if so_far else {}
+    return tool_error(
+        text, _meta(approval, "approval_pending", url=url, expires_at=approval.expires_at, **extra)
+    )
+
+
+def review_progress(approval: Approval) -> str:
+    """ "1 of 2 approvals, waiting for someone in security" for a pending quorum, else ""."""
+    if approval.status != "pending":
+        return ""
+    rule = ReviewRule.from_json(approval.review_json)
+    votes = valid_votes(votes_from_json(approval.votes_json), approval.release_sha256)
+    return progress(rule, votes, approval.escalated)
 
 
 def upstream_timeout(approval: Approval, seconds: float) -> JsonObject:
@@ -92,7 +110,65 @@ def waiting_status(approval: Approval, now: float) -> str:
         return f"Approved; sending the call once its rate limits allow ({approval.id[:8]}…)"
     if approval.status == "released":
         return f"Approved and sent; waiting for the server's answer ({approval.id[:8]}…)"
-    return f"Waiting for approval {approval.id[:8]}… — expires {render.expires_in(approval.expires_at, now)}"
+    so_far = review_progress(approval)
+    left = render.expires_in(approval.expires_at, now)
+    return f"Waiting for approval {approval.id[:8]}… — {so_far + ', ' if so_far else ''}expires {left}"
+
+
+def standing_denial(grant: StandingGrant) -> JsonObject:
+    """The answer to a call a remembered denial covers."""
+    reason = f" Reason: {grant.reason}" if grant.reason else ""
+    text = (
+        f"Denied by {render.visible(grant.created_by)}'s standing decision {grant.id} for calls like this "
+        f"one: the call to {grant.tool} was not made.{reason}"
+    )
+    meta = {"code": "denied_by_standing_grant", "standing_grant": grant.id, "granted_by": grant.created_by,
+            "reason": grant.reason}  # fmt: skip
+    return tool_error(text, {META_KEY: meta})
+
+
+def with_edit_note(approval: Approval, response: JsonObject) -> JsonObject:
+    """A released call's answer, telling the agent that a reviewer changed the call and how.
+
+    The note is added after the tool's own content (which stays first) and in ``_meta``, so an agent
+    reading either learns that what ran is not what it asked for.
+    """
+    result = response.get("result")
+    if approval.edited_json is None or not isinstance(result, dict):
+        return response
+    changes = diff_arguments(approval.arguments, approval.release_arguments)
+    shown = "; ".join(f"{c.path}: {c.before or '(absent)'} → {c.after or '(absent)'}" for c in changes)
+    note = (
+        f"Note from the approval gateway: {render.visible(approval.edited_by or 'a reviewer')} changed the "
+        f"arguments before approving, and the call ran with the changed ones. Changes: {shown}."
+    )
+    content = result.get("content")
+    content = [*content, {"type": "text", "text": note}] if isinstance(content, list) else content
+    found = result.get("_meta")
+    meta: JsonObject = found if isinstance(found, dict) else {}
+    edited = {
+        "code": "edited_by_reviewer",
+        "approval_id": approval.id,
+        "edited_by": approval.edited_by,
+        "original_arguments": approval.arguments,
+        "released_arguments": approval.release_arguments,
+        "changes": [{"path": c.path, "before": c.before, "after": c.after} for c in changes],
+    }
+    new_result = {**result, "_meta": {**meta, META_KEY: edited}}
+    if content is not None:
+        new_result["content"] = content
+    return {**response, "result": new_result}
+
+
+def with_meta(answer: JsonObject, meta: JsonObject | None) -> JsonObject:
+    """A forwarded call's answer with ``meta`` merged into its result's ``_meta`` (an error, or a
+    result that is not an object, is left as it is)."""
+    result = answer.get("result")
+    if not meta or not isinstance(result, dict):
+        return answer
+    found = result.get("_meta")
+    merged: JsonObject = {**(found if isinstance(found, dict) else {}), **meta}
+    return {**answer, "result": {**result, "_meta": merged}}
 
 
 def too_many_pending(limit: int) -> JsonObject:
@@ -113,6 +189,14 @@ def final_outcome(approval: Approval) -> JsonObject:
 
 def _final_result(approval: Approval) -> JsonObject:
     reason = f" Reason: {approval.reason}" if approval.reason else ""
+    if approval.status == "denied" and not approval.decided_by:
+        # on_timeout: deny — nobody decided in time, and the rule says that means no.
+        text = (
+            f"Denied: no reviewer decided the approval request {approval.id} for {approval.tool} in time, "
+            f"and its rule denies calls then. The call was not made.{reason} "
+            "Ask the user before trying again."
+        )
+        return tool_error(text, _meta(approval, "denied_on_timeout", reason=approval.reason))
     if approval.status == "denied":
         text = f"Denied by {render.decider(approval)}: the call to {approval.tool} was not made.{reason}"
         who = approval.decided_by or "a reviewer"

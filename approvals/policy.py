@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard, TypeVar
 
 from approvals.core.review import DEFAULT_REVIEW, ReviewRule
-from approvals.durations import parse_duration
 from approvals.errors import ApprovalsError, Issue
+from approvals.policy_approval import parse_approval
 
 Window = Literal["second", "minute", "hour", "day"]
 Scope = Literal["grant", "session", "global"]
@@ -231,6 +231,11 @@ class Policy:
             return entry.action == "require_approval"
         return entry.rule.action == "require_approval" or bool(entry.rule.approval_if)
 
+    def reviews(self) -> tuple[tuple[str, ReviewRule], ...]:
+        """(path, rule) of every rule's `approval` object, for the checks against the reviewers."""
+        rules = sorted([*self._exact.values(), *(r for _, r in self._globs)], key=lambda r: r.key)
+        return tuple((f"{rule_path(r.key)}.approval", r.review) for r in rules if r.review != DEFAULT_REVIEW)
+
     def is_hidden(self, tool: str) -> bool:
         """Whether `tool` must be left out of tools/list (it is also denied on call)."""
         entry = self._lookup(tool)
@@ -274,6 +279,11 @@ def window_seconds(window: Window | int) -> int:
 def window_text(window: Window | int) -> str:
     """A window as the agent reads it: "minute", or "90 s" for one no name spells."""
     return f"{window} s" if isinstance(window, int) else window
+
+
+def rule_path(key: str) -> str:
+    """Where the rule for tool key `key` is in the document, as issue paths name it."""
+    return f"tools.{key}" if _PLAIN_KEY.fullmatch(key) else f"tools[{_quote(key)}]"
 
 
 def glob_specificity(key: str) -> tuple[int, int, int]:
@@ -368,7 +378,7 @@ class _Parser:
         )
 
     def rule(self, key: str, raw: object, base: tuple[Limit, ...]) -> _Rule | None:
-        path = f"tools.{key}" if _PLAIN_KEY.fullmatch(key) else f"tools[{_quote(key)}]"
+        path = rule_path(key)
         if not key:
             self.fail(path, "tool name must not be empty")
             return None
@@ -387,7 +397,7 @@ class _Parser:
         if "rate_limit" in raw:
             shorthand = self.rate_limit(key, raw["rate_limit"], f"{path}.rate_limit")
             limits += (shorthand,) if shorthand is not None else ()
-        review = self.approval(raw.get("approval", {}), f"{path}.approval")
+        review = parse_approval(self, raw.get("approval", {}), f"{path}.approval")
         reason = raw.get("reason")
         if action is None or not (reason is None or isinstance(reason, str)):
             return None
@@ -398,17 +408,6 @@ class _Parser:
             return raw
         self.fail(path, "must be a non-empty tool name or glob")
         return None
-
-    def approval(self, raw: object, path: str) -> ReviewRule:
-        if not self.object(raw, path):
-            return DEFAULT_REVIEW
-        self.fields(raw, path, ("timeout",))
-        try:
-            timeout = parse_duration(raw["timeout"]) if "timeout" in raw else None
-        except ValueError as exc:
-            self.fail(f"{path}.timeout", str(exc))
-            return DEFAULT_REVIEW
-        return ReviewRule(timeout=timeout)
 
     def condition(self, raw: object, path: str) -> _Condition | None:
         if not self.object(raw, path, ' like {"path": "args.x", "op": "exists"}'):

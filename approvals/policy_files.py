@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from approvals.config import Settings
+from approvals.config import Settings, no_group_message
+from approvals.core import render
+from approvals.core.review import ReviewRule, eligible_groups
 from approvals.errors import ConfigError, Issue
 from approvals.policy import Policy, PolicyError, load_policy
 
@@ -39,6 +41,82 @@ def read_policy(path: Path) -> Policy:
         raise ConfigError(str(path), exc.errors) from None
 
 
+def read_checked_policy(settings: Settings, path: Path) -> Policy:
+    """`read_policy`, then its approval rules checked against the config's reviewers
+    (`review_issues`); `ConfigError` names the file and every problem."""
+    policy = read_policy(path)
+    if issues := review_issues(settings, policy):
+        raise ConfigError(str(path), issues)
+    return policy
+
+
+def review_issues(settings: Settings, policy: Policy) -> list[Issue]:
+    """What makes a policy's approval rules impossible to satisfy with this config's reviewers.
+
+    Every group a rule names (``reviewers``, ``from``, ``escalate[].to``) must be a group of some
+    ``[[reviewers]]`` entry, and enough reviewers must be eligible to meet the ``quorum``: else
+    every call under the rule waits until it times out. With no ``[[reviewers]]``, ``approvals
+    serve`` makes one development reviewer, in no group, and it is counted as such.
+    """
+    groups = frozenset(g for reviewer in settings.reviewers for g in reviewer.groups)
+    # An owner never approves their own agent's calls: when one reviewer owns every agent, they
+    # never count. (With agents of several owners, each is left out only of their agent's calls.)
+    owners = {grant.owner for grant in settings.grants}
+    owner = next(iter(owners)) if len(owners) == 1 else None
+    issues: list[Issue] = []
+    for path, rule in policy.reviews():
+        named = [(f"{path}.reviewers[{i}]", g) for i, g in enumerate(rule.reviewers)]
+        named += [(f"{path}.from[{i}]", g) for i, g in enumerate(rule.from_groups)]
+        for s, step in enumerate(rule.escalate):
+            named += [(f"{path}.escalate[{s}].to[{i}]", g) for i, g in enumerate(step.to)]
+        missing = [Issue(where, no_group_message(g, groups)) for where, g in named if g not in groups]
+        issues += missing
+        if not missing:  # a missing group already says why nobody may decide
+            issues += _quorum_issues(settings, path, rule, owner)
+        issues += _timing_issues(settings, path, rule)
+    return issues
+
+
+def _quorum_issues(settings: Settings, path: str, rule: ReviewRule, owner: str | None) -> list[Issue]:
+    allowed = eligible_groups(rule, len(rule.escalate))  # escalation adds deciders, in the end
+    if not settings.reviewers:
+        count = 1 if allowed is None else 0  # the development reviewer, in no group
+        why = " (no [[reviewers]] are configured: `approvals serve` makes one development reviewer)"
+    else:
+        count = sum(
+            1
+            for r in settings.reviewers
+            if r.name != owner and (allowed is None or not allowed.isdisjoint(r.groups))
+        )
+        mine = owner is not None and any(r.name == owner for r in settings.reviewers)
+        why = f" ({owner} owns every agent, and an owner never approves their agent's calls)" if mine else ""
+    if count >= rule.quorum:
+        return []
+    noun = "reviewer" if count == 1 else "reviewers"
+    message = f"{rule.quorum} approvals needed but only {count} {noun} may decide{why}"
+    return [Issue(f"{path}.quorum", message)]
+
+
+def _timing_issues(settings: Settings, path: str, rule: ReviewRule) -> list[Issue]:
+    """Steps the request is over before (a rule's own timeout is checked with the policy), and
+    a `via` no configured channel can take."""
+    issues: list[Issue] = []
+    if rule.timeout is None:
+        default = settings.approvals.timeout
+        for s, step in enumerate(rule.escalate):
+            if step.after >= default:
+                issues.append(
+                    Issue(
+                        f"{path}.escalate[{s}].after",
+                        f"must be shorter than the approval timeout ({render.duration(default)},"
+                        " [approvals] timeout in the config); or give the rule a longer timeout",
+                    )
+                )
+    if rule.via and set(rule.via) <= {"slack"} and settings.slack is None:
+        issues.append(Issue(f"{path}.via", "decisions only through Slack, but the config has no [slack]"))
+    return issues
+
+
 def check_policies(settings: Settings) -> dict[str, Policy]:
     """Every upstream's policy; one `ConfigError` listing the problems of every file."""
     policies: dict[str, Policy] = {}
@@ -48,7 +126,7 @@ def check_policies(settings: Settings) -> dict[str, Policy]:
             policies[name] = ALLOW_ALL
             continue
         try:
-            policies[name] = read_policy(upstream.policy_path)
+            policies[name] = read_checked_policy(settings, upstream.policy_path)
         except ConfigError as exc:
             issues += [
                 Issue(f"{exc.source}: {i.path}" if i.path else exc.source, i.message) for i in exc.issues
@@ -101,7 +179,7 @@ class PolicyBook:
                 continue
             self._stamps[name] = stamp
             try:
-                self.policies[name] = read_policy(path)
+                self.policies[name] = read_checked_policy(self.settings, path)
             except ConfigError as exc:
                 self.errors[name] = [str(issue) for issue in exc.issues]
                 self.reload_failures[name] += 1

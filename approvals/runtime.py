@@ -98,6 +98,7 @@ class Runtime:
             feed=feed,
             limits_for=limits_for,
             clock=clock,
+            judge=lambda upstream, tool, arguments: policies[upstream].evaluate(tool, arguments),
         )
         policies.start(watch_interval)
         gatekeeper = Gatekeeper(policies, limiter, catalog, service, clock)

@@ -184,7 +184,7 @@ def form(payload: dict[str, Any]) -> str:
 def block_actions(
     action_id: str, value: str, *, user: str = "U0BOB", team: str = TEAM, channel: str = CHANNEL
 ) -> dict[str, Any]:
-    """A button click on the approval message."""
+    """A button click on the approval message (in `channel`: a group channel's message, too)."""
     return {
         "type": "block_actions",
         "user": {"id": user, "username": user.lower(), "team_id": team},
@@ -225,3 +225,18 @@ def view_submission(
             "state": {"values": {"reason": {"reason_input": {"type": "plain_text_input", "value": reason}}}},
         },
     }
+
+
+def select_action(
+    action_id: str, value: str, *, user: str = "U0BOB", team: str = TEAM, channel: str = CHANNEL
+) -> dict[str, Any]:
+    """An option picked from a static select on the approval message (e.g. approve & remember)."""
+    click = block_actions(action_id, "", user=user, team=team, channel=channel)
+    [action] = click["actions"]
+    del action["value"]
+    action.update(
+        type="static_select",
+        block_id="approvals_remember",
+        selected_option={"text": {"type": "plain_text", "text": "chosen"}, "value": value},
+    )
+    return click

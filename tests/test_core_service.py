@@ -24,6 +24,7 @@ from approvals.config import Principal, Settings
 from approvals.core.feed import SharedFeed
 from approvals.core.model import Approval, ToolCall
 from approvals.core.ports import Store
+from approvals.core.review import DEFAULT_REVIEW
 from approvals.core.service import ApprovalService
 from approvals.errors import DecisionRefused
 from approvals.jsonrpc import JsonObject
@@ -45,7 +46,7 @@ HELD = Decision(
     reason=None,
     explanation="held for review",
     limits=(),
-    approval_timeout=None,
+    review=DEFAULT_REVIEW,
 )
 
 

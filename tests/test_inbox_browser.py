@@ -240,7 +240,7 @@ async def test_hostile_text_is_shown_as_text_and_never_runs(browser: Browser, he
             await page.goto(f"{held.gateway.base}{url}")
             assert await page.locator("img").count() == 0
             assert await page.locator("a[href^='javascript:' i]").count() == 0
-            assert await page.locator("script:not([src='/inbox/static/inbox.js'])").count() == 0
+            assert await page.locator("script:not([src^='/inbox/static/'])").count() == 0
             assert await page.locator("[onerror], [onload], [onmouseover]").count() == 0
         status, _ = await held.api(
             "POST", f"/api/approvals/{approval.id}/deny", body={"reason": "<script>x</script>"}

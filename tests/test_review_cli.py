@@ -74,16 +74,18 @@ async def test_list_shows_pending_calls_in_a_table(tmp_path: Path) -> None:
         status, out, err = await run_cli(tmp_path, "list", env=as_bob(gw))
         assert status == 0, err
         header, *rows = table(out)
-        assert header == ["ID", "STATUS", "UPSTREAM", "TOOL", "AGENT", "AGE", "EXPIRES IN", "ARGUMENTS"]
+        assert header == [
+            "ID", "STATUS", "UPSTREAM", "TOOL", "AGENT", "AGE", "EXPIRES IN", "APPROVALS", "ARGUMENTS"
+        ]  # fmt: skip
         summary = 'to: "a@example.com", subject: "hi", body: "x"'  # as the inbox's list shows it
         assert [row[:5] + row[7:] for row in rows] == [
-            [first, "pending", "demo", "send_email", "agent-a", summary]
+            [first, "pending", "demo", "send_email", "agent-a", "-", summary]
         ]
         status, out, err = await run_cli(tmp_path, "list", "--status", "all", env=as_bob(gw))
         assert status == 0, err
         rows_by_id = {row[0]: row for row in table(out)[1:]}
         assert {key: row[1] for key, row in rows_by_id.items()} == {first: "pending", second: "denied"}
-        assert rows_by_id[second][7].endswith("…")  # long arguments are shortened to fit a line
+        assert rows_by_id[second][8].endswith("…")  # long arguments are shortened to fit a line
         status, out, _ = await run_cli(tmp_path, "list", "--status", "expired", env=as_bob(gw))
         assert (status, out) == (0, "no approvals\n")
         elsewhere = as_bob("http://127.0.0.1:9")  # --url wins over APPROVALS_URL
@@ -242,7 +244,7 @@ async def test_list_marks_hidden_characters(tmp_path: Path) -> None:
         await held(gw, "invoice_\u202egnp.exe")
         status, out, err = await run_cli(tmp_path, "list", env=as_bob(gw))
     assert status == 0, err
-    assert "invoice_⟦U+202E⟧gnp.exe" in table(out)[1][7]
+    assert "invoice_⟦U+202E⟧gnp.exe" in table(out)[1][8]
     assert "\u202e" not in out
 
 

@@ -306,7 +306,7 @@ async def test_release_happens_once_under_twenty_concurrent_calls(store: Store) 
     [
         ({"pending"}, "released"),
         ({"pending"}, "completed"),
-        ({"pending"}, "pending"),
+        ({"pending"}, "pending"),  # legal, but only as a step conditional on version=
         ({"approved"}, "denied"),
         ({"approved", "pending"}, "released"),  # one illegal source spoils the set
         ({"released"}, "approved"),
@@ -337,14 +337,17 @@ async def test_from_as_a_bare_string_is_refused(store: Store) -> None:
 
 
 @pytest.mark.parametrize(
-    "field", ["id", "status", "version", "arguments_json", "args_sha256", "grant", "upstream", "nonsense"]
+    # Not "version": it is the keyword of the compare (transition(version=…)), never a value to set.
+    "field",
+    ["id", "status", "arguments_json", "args_sha256", "grant", "upstream", "review_json", "nonsense"],
 )
 async def test_transition_refuses_fields_it_may_not_set(store: Store, field: str) -> None:
     """Unknown names, store-managed fields and the request itself cannot be set by a move."""
     approval = await created(store)
+    fields: dict[str, Any] = {field: "x"}
     with pytest.raises(ValueError, match=field):
         await store.transition(
-            approval.id, from_={"pending"}, to="approved", actor="a", channel="web", **{field: "x"}
+            approval.id, from_={"pending"}, to="approved", actor="a", channel="web", **fields
         )
     assert await store.get_approval(approval.id) == approval
 
@@ -367,9 +370,11 @@ async def test_final_states_never_change(store: Store, path: tuple[Status, ...])
     assert final.status in FINAL
     for source, targets in TRANSITIONS.items():
         for to in targets:
-            assert (
-                await store.transition(approval.id, from_={source}, to=to, actor="a", channel="web") is None
+            # At the record's own version: the status alone refuses the move.
+            moved_to = await store.transition(
+                approval.id, from_={source}, to=to, actor="a", channel="web", version=final.version
             )
+            assert moved_to is None
     assert await store.get_approval(approval.id) == final
 
 
@@ -868,10 +873,17 @@ class ApprovalLifecycle(RuleBasedStateMachine):
         others = data.draw(st.frozensets(st.sampled_from(_sources(to))), label="other sources")
         return others | {current}, to
 
+    def _version(self, approval_id: str, from_: frozenset[Status], to: Status) -> int | None:
+        """The version a pending → pending step is conditional on (the record's, as the model has it)."""
+        return self._expected[approval_id].version if to == "pending" and "pending" in from_ else None
+
     @rule(approval_id=approvals, data=st.data())
     def advance(self, approval_id: str, data: st.DataObject) -> None:
         from_, to = self._aimed(approval_id, data)
-        result = self._run(self._store.transition(approval_id, from_=from_, to=to, actor="r", channel="web"))
+        version = self._version(approval_id, from_, to)
+        result = self._run(
+            self._store.transition(approval_id, from_=from_, to=to, actor="r", channel="web", version=version)
+        )
         self._check(self._expected[approval_id], result, from_, to)
 
     @rule(approval_id=approvals, to=st.sampled_from(STATUSES), data=st.data())
@@ -883,16 +895,22 @@ class ApprovalLifecycle(RuleBasedStateMachine):
                 self._run(self._store.transition(approval_id, from_=from_, to=to, actor="r", channel="web"))
             event("illegal pair refused")
             return
-        result = self._run(self._store.transition(approval_id, from_=from_, to=to, actor="r", channel="web"))
+        version = self._version(approval_id, from_, to)
+        result = self._run(
+            self._store.transition(approval_id, from_=from_, to=to, actor="r", channel="web", version=version)
+        )
         self._check(self._expected[approval_id], result, from_, to)
 
     @rule(approval_id=approvals, racers=st.integers(2, 8), data=st.data())
     def race(self, approval_id: str, racers: int, data: st.DataObject) -> None:
         from_, to = self._aimed(approval_id, data)
+        version = self._version(approval_id, from_, to)
 
         async def all_at_once() -> list[Approval | None]:
             moves = (
-                self._store.transition(approval_id, from_=from_, to=to, actor=f"r{n}", channel="web")
+                self._store.transition(
+                    approval_id, from_=from_, to=to, actor=f"r{n}", channel="web", version=version
+                )
                 for n in range(racers)
             )
             return await asyncio.gather(*moves)

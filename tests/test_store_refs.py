@@ -91,6 +91,18 @@ async def test_v2_database_migrates_to_the_latest_keeping_its_approvals(tmp_path
     finally:
         await old.close()
     with sqlite3.connect(path) as conn:  # back to what a v2 gateway left behind
+        conn.execute("DROP TRIGGER audit_known_subject")  # v8
+        conn.execute("DROP TABLE standing_grants")
+        conn.execute("DROP INDEX approvals_pending_escalation")
+        conn.execute("DROP TRIGGER approvals_request_is_fixed")  # v8 added review_json to it
+        conn.execute(
+            "CREATE TRIGGER approvals_request_is_fixed BEFORE UPDATE OF id, upstream, tool, arguments_json,"
+            " args_sha256, grant_name, owner, created_at ON approvals"
+            " BEGIN SELECT RAISE(ABORT, 'the request of an approval never changes'); END"
+        )
+        for column in ("review_json", "votes_json", "edited_json", "edited_sha256", "edited_by", "escalated"):
+            conn.execute(f"ALTER TABLE approvals DROP COLUMN {column}")
+        conn.execute("ALTER TABLE approvals DROP COLUMN escalate_at")
         conn.execute("DROP TABLE audit_sinks")  # v7
         conn.execute("DROP TABLE audit_head")
         conn.execute("DROP TRIGGER audit_no_update")

@@ -1,24 +1,34 @@
-"""Slack: each approval request is posted with Approve / Deny buttons, and a click decides it.
+"""Slack: each approval request is posted with its controls, and a click decides it.
 
 ::
 
     setup(app, settings, service)
-      ├─ SlackChannel      a Channel: posts on "created", edits the message on every "updated"
-      ├─ bolt AsyncApp     ack within 3 s, the click and modal handlers
+      ├─ SlackChannel      a Channel: its SlackMessages post on "created" (to the channels of the
+      │                    groups that may decide), edit every message on "updated", post escalations
+      ├─ bolt AsyncApp     ack within 3 s, the click, select and modal handlers
       └─ mode "http":   POST /slack/events: verified (401), parsed (400), then bolt
          mode "socket": Socket Mode over a WebSocket, for gateways without a public URL
 
+The controls of a pending request (action ids):
+
+    approvals_approve        Approve: a vote; the call is approved once the rule's quorum is met
+    approvals_deny           Deny: a modal (approvals_deny_reason) asks the reason, which reaches the agent
+    approvals_remember       Approve & remember… (select: 1 h / 8 h / 24 h): approve, and save a standing
+                             grant for exactly these arguments — only where the rule allows one
+    approvals_edit_in_inbox  a link to the inbox's editor (Slack cannot edit arguments)
+    approvals_open_inbox     for a rule whose ``via`` leaves Slack out: the only control, a link
+
 A request is verified on its raw bytes before it is parsed (``slack_requests``). The clicking Slack
 user must be a configured reviewer, and when ``[slack] team_id`` is set every workspace the payload
-names must be that one; anyone else — and the owner of the requesting agent — gets an ephemeral
-refusal and nothing is decided. A decision goes through ``ApprovalQueue.decide(channel="slack")``,
-the compare-and-set the API uses, so a click that loses a race is told who won. Deny opens a modal
-for the reason, which reaches the agent.
+names must be that one. A decision goes through ``ApprovalService.decide_and_remember(channel=
+"slack")``, the compare-and-set the API uses, which judges who may decide (groups, quorum, step-up);
+whatever it refuses gets an ephemeral answer naming why (``slack_answers``) and decides nothing. An
+approval short of the quorum is confirmed to the clicker ("Counted: 1 of 2 approvals, …").
 
-Whichever channel decides, the queue announces it and the message is edited to show who decided,
-when and why. Where each message is (channel and ts) is kept in the store, so a restarted gateway
-still edits old messages. Slack calls are retried with backoff (:class:`Retry`) and never decide
-anything: a message that cannot be posted leaves the request pending in the inbox and the API.
+Whichever channel decides, the service announces it and every message is edited to show who
+decided, when and why. Where each message is (channel and ts) is kept in the store, so a restarted
+gateway still edits old messages. Slack calls are retried with backoff (:class:`Retry`) and never
+decide anything: a message that cannot be posted leaves the request pending in the inbox and the API.
 """
 
 from __future__ import annotations
@@ -27,7 +37,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -44,31 +53,26 @@ from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from approvals.channels import ChangeKind
+from approvals.channels import slack_answers as answers
 from approvals.channels import slack_blocks as blocks
 from approvals.channels import slack_requests as requests
+from approvals.channels import slack_review as review
 from approvals.channels.slack_api import Retry, SlackApi, SlackCallFailed
+from approvals.channels.slack_messages import SlackMessages
 from approvals.config import Principal, Settings, SlackSettings
+from approvals.core.deciding import RememberRequest
 from approvals.core.model import Approval
+from approvals.core.review import Refusal, judge_decision
 from approvals.core.service import ApprovalService
-from approvals.errors import DecisionRefused, StoreError
-from approvals.keyed_lock import KeyedLock
+from approvals.errors import DecisionRefused, RefusalKind, StoreError
 
 __all__ = ["SLACK_CHANNEL", "Retry", "SlackApi", "SlackCallFailed", "SlackChannel", "setup"]
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "slack"  # the channel name in the audit log, decided_via and the message refs
+CHANNEL = "slack"  # the channel name in the audit log and decided_via
+
 DEFAULT_API_URL = "https://slack.com/api/"
-REMEMBER_SHOWN = 10_000  # approvals whose shown version is remembered, to skip redundant edits
-
-
-@dataclass(frozen=True, slots=True)
-class _Click:
-    """Who clicked, where, on which approval — read from a Slack payload."""
-
-    user: str
-    channel: str
-    approval_id: str
 
 
 class SlackChannel:
@@ -85,63 +89,18 @@ class SlackChannel:
             AsyncWebClient(token=slack.bot_token, base_url=_base_url(slack), retry_handlers=[])
         )
         self.reviewers = {p.slack_user_id: p for p in reviewers if p.slack_user_id}
-        self._serial: KeyedLock[str] = KeyedLock()
-        self._shown: dict[str, int] = {}  # approval id → version its message shows
+        self.everyone = reviewers  # named in a refusal as who may decide, Slack users or not
+        self.messages = SlackMessages(slack, service, self.api)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    # ---- the message ----------------------------------------------------------------------------
+    # ---- the messages ---------------------------------------------------------------------------
 
     async def announce(self, approval: Approval, change: ChangeKind) -> None:
-        """Post a new request; edit its message on any other change. Raises SlackCallFailed."""
-        # One approval's announcements run in order, so an edit never overtakes its post and
-        # an older state never overwrites a newer one.
-        async with self._serial.hold(approval.id):
-            if change == "created":
-                await self._post(approval)
-            await self._refresh(approval.id)
-
-    async def _post(self, approval: Approval) -> None:
-        store = self.service.store
-        earlier = _ref(await store.message_ref(approval.id, CHANNEL))
-        message = blocks.approval_message(approval, url=self.service.url_of(approval.id), now=self._now())
-        # A timeout may hide a post that did happen: the retry then posts twice. A duplicate
-        # message beats a missing one; the ref points at the last, which is kept up to date.
-        posted = await self.api.call(
-            "chat.postMessage",
-            channel=self.slack.channel,
-            unfurl_links=False,
-            unfurl_media=False,
-            **message.as_kwargs(),
-        )
-        ref = {"channel": str(posted.get("channel") or self.slack.channel), "ts": str(posted.get("ts"))}
-        await store.save_message_ref(approval.id, CHANNEL, json.dumps(ref))
-        self._remember(approval.id, approval.version)
-        if earlier is not None:  # it came back for review: the old message says where it went
-            old = blocks.superseded_message(approval, url=self.service.url_of(approval.id), now=self._now())
-            await self.api.call("chat.update", **earlier, **old.as_kwargs())
-
-    async def _refresh(self, approval_id: str) -> None:
-        """Make the message show the record as it is now (it may have moved on since the announcement)."""
-        store = self.service.store
-        ref, approval = (
-            _ref(await store.message_ref(approval_id, CHANNEL)),
-            await store.get_approval(approval_id),
-        )
-        if ref is None or approval is None or self._shown.get(approval_id) == approval.version:
-            return  # never posted (Slack was down: the inbox has it), or already showing this state
-        message = blocks.approval_message(approval, url=self.service.url_of(approval_id), now=self._now())
-        await self.api.call("chat.update", **ref, **message.as_kwargs())
-        self._remember(approval_id, approval.version)
-
-    def _remember(self, approval_id: str, version: int) -> None:
-        # Bounded: forgetting an old entry costs at most one redundant chat.update.
-        self._shown.pop(approval_id, None)
-        self._shown[approval_id] = version
-        if len(self._shown) > REMEMBER_SHOWN:
-            del self._shown[next(iter(self._shown))]
-
-    def _now(self) -> float:
-        return self.service.clock()
+        """Post a new request; edit its messages on any other change. Raises SlackCallFailed."""
+        if change == "created":
+            await self.messages.created(approval)
+        else:
+            await self.messages.updated(approval.id)
 
     # ---- clicks ---------------------------------------------------------------------------------
 
@@ -152,73 +111,141 @@ class SlackChannel:
         task.add_done_callback(self._tasks.discard)
 
     async def approve_clicked(self, body: Mapping[str, Any]) -> None:
-        click, reviewer = _click(body), self._reviewer(body)
+        click, reviewer = requests.click_of(body), self._reviewer(body)
         if click is None:
             return
+        approval_id, seen = review.read_approve_value(click.approval_id)
+        click = requests.Click(click.user, click.channel, approval_id)
         if reviewer is None:
-            await self._tell(click, blocks.not_a_reviewer())
+            await self._tell(click, answers.not_a_reviewer())
             return
-        await self._decide(click, reviewer, approve=True, reason=None)
+        await self._decide(click, reviewer, approve=True, reason=None, seen_sha256=seen)
+
+    async def remember_clicked(self, body: Mapping[str, Any]) -> None:
+        """Approve and remember for the time picked: a standing grant for exactly these arguments."""
+        click, reviewer = requests.click_of(body), self._reviewer(body)
+        if click is None:
+            return
+        choice = review.read_remember_choice(click.approval_id)
+        if choice is None:  # only the offered durations; a forged value decides nothing
+            log.warning("ignoring a Slack remember choice that was never offered")
+            return
+        approval_id, seen, seconds = choice
+        click = requests.Click(click.user, click.channel, approval_id)
+        if reviewer is None:
+            await self._tell(click, answers.not_a_reviewer())
+            return
+        # Exactly the approved call, no use limit: widening is the inbox's (it shows the grant first).
+        remember = RememberRequest(seconds, max_uses=None, constraints=None)
+        await self._decide(click, reviewer, approve=True, reason=None, remember=remember, seen_sha256=seen)
 
     async def deny_clicked(self, body: Mapping[str, Any]) -> None:
         """Open the modal that asks for a reason — only for a reviewer who may decide it, while pending."""
-        click, reviewer = _click(body), self._reviewer(body)
+        click, reviewer = requests.click_of(body), self._reviewer(body)
         if click is None:
             return
         if reviewer is None:
-            await self._tell(click, blocks.not_a_reviewer())
+            await self._tell(click, answers.not_a_reviewer())
             return
         approval = await self.service.store.get_approval(click.approval_id)
         if approval is None:
-            await self._tell(click, blocks.unknown_approval())
+            await self._tell(click, answers.unknown_approval())
         elif approval.owner == reviewer.name:
-            await self._tell(click, blocks.own_agent(approval))
+            await self._tell(click, answers.own_agent(approval))
         elif approval.status != "pending":
             await self._tell(click, blocks.already_decided(approval))
+        elif (refused := self._judge_deny(approval, reviewer)) is not None:
+            # Asked before the modal, so nobody types a reason the service would then refuse.
+            await self._tell(click, await self._refusal(refused.kind, refused.message, approval))
         else:
             view = blocks.deny_modal(approval, channel=click.channel)
             await self.api.call("views.open", trigger_id=str(body.get("trigger_id", "")), view=view)
 
+    def _judge_deny(self, approval: Approval, reviewer: Principal) -> Refusal | None:
+        """The service's own rule (core.review.judge_decision) on a deny by this reviewer from Slack."""
+        state = self.service.review_state(approval)
+        return judge_decision(
+            state.rule, state.votes, escalated=approval.escalated, reviewer=reviewer.name,
+            groups=reviewer.groups, channel=CHANNEL, approve=False,
+        )  # fmt: skip
+
     async def deny_submitted(self, body: Mapping[str, Any]) -> None:
         view = body.get("view")
         submitted = blocks.read_deny_submission(view) if isinstance(view, Mapping) else None
-        user = _user_id(body)
+        user = requests.user_id(body)
         if submitted is None or user is None:
             log.warning("ignoring a malformed deny submission")
             return
         approval_id, channel, reason = submitted
-        click, reviewer = _Click(user, channel, approval_id), self._reviewer(body)
+        click, reviewer = requests.Click(user, channel, approval_id), self._reviewer(body)
         if reviewer is None:
-            await self._tell(click, blocks.not_a_reviewer())
+            await self._tell(click, answers.not_a_reviewer())
             return
         await self._decide(click, reviewer, approve=False, reason=reason or None)
 
-    async def _decide(self, click: _Click, reviewer: Principal, *, approve: bool, reason: str | None) -> None:
+    async def _decide(
+        self,
+        click: requests.Click,
+        reviewer: Principal,
+        *,
+        approve: bool,
+        reason: str | None,
+        remember: RememberRequest | None = None,
+        seen_sha256: str | None = None,
+    ) -> None:
         try:
-            await self.service.decide(
-                click.approval_id, reviewer, approve=approve, reason=reason, channel=CHANNEL
-            )
+            decided, grant = await self.service.decide_and_remember(
+                click.approval_id, reviewer, approve=approve, reason=reason, channel=CHANNEL,
+                remember=remember, seen_sha256=seen_sha256,
+            )  # fmt: skip
         except StoreError:
             log.exception("Slack decision on approval %s not recorded", click.approval_id)
-            await self._tell(click, blocks.not_recorded())
+            await self._tell(click, answers.not_recorded())
+            return
         except DecisionRefused as exc:
-            # Slack's answer to each kind of refusal: an ephemeral message to the clicker.
-            if exc.kind == "own_agent" and exc.approval is not None:
-                await self._tell(click, blocks.own_agent(exc.approval))
-            elif exc.kind in ("already_decided", "expired") and exc.approval is not None:
-                await self._tell(click, blocks.already_decided(exc.approval))
-            else:
-                await self._tell(click, blocks.unknown_approval())
-        # On success the decision is published on the change feed, and announce() edits the message.
+            await self._tell(click, await self._refusal(exc.kind, str(exc), exc.approval, click.approval_id))
+            return
+        # The decision is published on the change feed, and announce() edits the messages; the
+        # clicker is told only what the message cannot say to them alone.
+        if decided.status == "pending":  # counted; the quorum needs more
+            await self._tell(click, answers.counted(self.service.review_state(decided).progress))
+        if grant is not None:
+            # The grant is saved after the decision's change was announced: show it now.
+            await self.messages.updated(decided.id, force=True)
+            grants_url = f"{self.service.settings.server.public_url}/inbox/grants"
+            await self._tell(click, answers.remembered(grant, grants_url=grants_url))
+
+    async def _refusal(
+        self, kind: RefusalKind, message: str, approval: Approval | None, approval_id: str | None = None
+    ) -> str:
+        """The ephemeral answer to a refused decision, with who may decide and the quorum's progress."""
+        if approval is None and approval_id is not None and kind in ("not_eligible", "already_voted"):
+            approval = await self.service.store.get_approval(approval_id)
+        progress = ""
+        deciders: tuple[str, ...] = ()
+        if approval is not None and approval.status == "pending":
+            state = self.service.review_state(approval)
+            progress = state.progress
+            deciders = tuple(
+                p.name
+                for p in self.everyone
+                if p.name != approval.owner
+                and judge_decision(
+                    state.rule, state.votes, escalated=approval.escalated, reviewer=p.name,
+                    groups=p.groups, channel=CHANNEL, approve=True,
+                ) is None
+            )  # fmt: skip
+        url = self.service.url_of(approval.id if approval is not None else approval_id or "")
+        return answers.refusal(kind, message, approval, answers.Refusing(url, progress, deciders))
 
     def _reviewer(self, body: Mapping[str, Any]) -> Principal | None:
         """The configured reviewer behind the clicking Slack user, or None."""
-        if self.slack.team_id is not None and not _only_from(body, self.slack.team_id):
+        if self.slack.team_id is not None and not requests.only_from(body, self.slack.team_id):
             return None
-        user_id = _user_id(body)
+        user_id = requests.user_id(body)
         return self.reviewers.get(user_id) if user_id is not None else None
 
-    async def _tell(self, click: _Click, text: str) -> None:
+    async def _tell(self, click: requests.Click, text: str) -> None:
         """An ephemeral answer to the clicking user only; a failure to tell is logged, nothing more."""
         try:
             await self.api.call("chat.postEphemeral", channel=click.channel, user=click.user, text=text)
@@ -248,53 +275,6 @@ class SlackChannel:
 
 def _base_url(slack: SlackSettings) -> str:
     return slack.api_url or DEFAULT_API_URL
-
-
-def _ref(ref_json: str | None) -> dict[str, str] | None:
-    """The channel and ts of a posted message, from the store."""
-    if ref_json is None:
-        return None
-    ref = json.loads(ref_json)
-    return {"channel": str(ref["channel"]), "ts": str(ref["ts"])}
-
-
-def _user_id(body: Mapping[str, Any]) -> str | None:
-    user = body.get("user")
-    user_id = user.get("id") if isinstance(user, Mapping) else None
-    return user_id if isinstance(user_id, str) else None
-
-
-def _only_from(body: Mapping[str, Any], team_id: str) -> bool:
-    """Whether every workspace the payload names — and at least one — is `team_id`, in at most one org.
-
-    A Slack user id is unique only within its workspace (or Enterprise Grid org), so the clicking user
-    counts as a reviewer only when the payload shows no other workspace anywhere: the message's
-    (``team.id``), the user's own (``user.team_id``) and the modal's (``view.team_id``,
-    ``view.app_installed_team_id``). Two Enterprise Grid orgs named (``enterprise.id``,
-    ``user.enterprise_id``, ``team.enterprise_id``) are refused too. Fails closed.
-    """
-    team, user, view, org = (_object(body, key) for key in ("team", "user", "view", "enterprise"))
-    teams = [team.get("id"), user.get("team_id"), view.get("team_id"), view.get("app_installed_team_id")]
-    orgs = {org.get("id"), user.get("enterprise_id"), team.get("enterprise_id")} - {None}
-    named = [t for t in teams if t is not None]
-    return bool(named) and all(t == team_id for t in named) and len(orgs) <= 1
-
-
-def _object(body: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = body.get(key)
-    return value if isinstance(value, Mapping) else {}
-
-
-def _click(body: Mapping[str, Any]) -> _Click | None:
-    """The clicking user, the channel of the message and the approval id of a button, or None."""
-    actions, channel, user = body.get("actions"), body.get("channel"), _user_id(body)
-    action = actions[0] if isinstance(actions, list) and actions else None
-    approval_id = action.get("value") if isinstance(action, Mapping) else None
-    channel_id = channel.get("id") if isinstance(channel, Mapping) else None
-    if not (isinstance(approval_id, str) and isinstance(channel_id, str) and user is not None):
-        log.warning("ignoring a malformed Slack click")
-        return None
-    return _Click(user, channel_id, approval_id)
 
 
 async def _logged(work: Awaitable[None]) -> None:
@@ -334,6 +314,10 @@ def build_bolt(channel: SlackChannel) -> AsyncApp:
         await ack()
         channel.spawn(channel.approve_clicked(body))
 
+    async def on_remember(ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        channel.spawn(channel.remember_clicked(body))
+
     async def on_deny(ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()
         channel.spawn(channel.deny_clicked(body))
@@ -342,9 +326,15 @@ def build_bolt(channel: SlackChannel) -> AsyncApp:
         await ack()  # closes the modal; a refusal comes as an ephemeral message
         channel.spawn(channel.deny_submitted(body))
 
+    async def on_link(ack: AsyncAck) -> None:
+        await ack()  # the browser opens the link; Slack still wants its click acknowledged
+
     bolt.action(blocks.ACTION_APPROVE)(on_approve)
+    bolt.action(review.ACTION_REMEMBER)(on_remember)
     bolt.action(blocks.ACTION_DENY)(on_deny)
     bolt.view(blocks.DENY_VIEW)(on_deny_submitted)
+    for action_id in review.LINK_ACTIONS:
+        bolt.action(action_id)(on_link)
     return bolt
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,16 +33,14 @@ __all__ = [
     "Message",
     "already_decided",
     "approval_message",
+    "decision_buttons",
     "deny_modal",
     "escape",
     "fit",
-    "not_a_reviewer",
-    "not_recorded",
-    "own_agent",
+    "outcome_text",
     "read_deny_submission",
     "superseded_message",
     "text_length",
-    "unknown_approval",
 ]
 
 Block = dict[str, Any]
@@ -84,6 +82,7 @@ _ICONS = {"approved": "✅", "released": "✅", "completed": "✅", "failed": "�
 _ICONS |= {"expired": "⌛", "cancelled": "🚫"}
 _APPROVED = frozenset({"approved", "released", "completed", "failed"})
 _SENT = frozenset({"released", "completed", "failed"})  # states with an outcome worth a line
+GATEWAY = "gateway"  # who "decided" what no reviewer did (a deny on timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,20 +159,41 @@ def _via(channel: str | None) -> str:
 # ---- the request message ------------------------------------------------------------------------
 
 
-def approval_message(approval: Approval, *, url: str, now: float) -> Message:
-    """The message for an approval in any state: buttons while pending, else who decided and why."""
+def approval_message(
+    approval: Approval,
+    *,
+    url: str,
+    now: float,
+    lead: Sequence[Block] = (),
+    context: Sequence[Block] = (),
+    controls: Sequence[Block] | None = None,
+    outcome: str | None = None,
+    after: Sequence[Block] = (),
+    fallback: str | None = None,
+) -> Message:
+    """The message for an approval in any state: buttons while pending, else who decided and why.
+
+    The review parts (``approvals.channels.slack_review``) come in as blocks: ``lead`` after the
+    header, ``context`` after the request, ``controls`` instead of Approve / Deny while pending,
+    ``outcome`` instead of the plain outcome line and ``after`` below it once decided.
+    """
     blocks: list[Block] = [
         {"type": "header", "text": plain(_header(approval), MAX_HEADER)},
+        *lead,
         *_request_blocks(approval, url=url, now=now),
+        *context,
     ]
     if approval.status == "pending":
         if approval.note:  # e.g. it came back because the tool's definition changed
             blocks.append({"type": "context", "elements": [mrkdwn(f"⚠️ {escape(approval.note)}")]})
-        blocks.append(_buttons(approval))
+        blocks.extend(controls if controls is not None else [decision_buttons(approval)])
     else:
-        blocks.append({"type": "section", "text": mrkdwn(_outcome(approval))})
-    blocks.append(_footer(approval, url))
-    return Message(_fallback(approval), blocks[:MAX_BLOCKS])
+        said = outcome if outcome is not None else outcome_text(approval)
+        blocks.append({"type": "section", "text": mrkdwn(said)})
+        blocks.extend(after)
+    footer = _footer(approval, url)
+    # The footer (the inbox link) survives any cut.
+    return Message(fit(fallback or _fallback(approval), MAX_FALLBACK), [*blocks[: MAX_BLOCKS - 1], footer])
 
 
 def superseded_message(approval: Approval, *, url: str, now: float) -> Message:
@@ -239,13 +259,20 @@ def _description(tool_json: str) -> str:
 
 
 def _arguments(approval: Approval, url: str) -> str:
-    """Pretty JSON in a code block; when too long, cut with a note that links to the whole in the inbox."""
+    """Pretty JSON in a code block; when too long, cut with a note that links to the whole in the inbox.
+
+    An edited call shows the arguments as edited: those are what an approval now releases.
+    """
+    raw = approval.edited_json if approval.edited_json is not None else approval.arguments_json
     try:
-        pretty = json.dumps(json.loads(approval.arguments_json), indent=2, ensure_ascii=False)
+        pretty = json.dumps(json.loads(raw), indent=2, ensure_ascii=False)
     except ValueError:
-        pretty = approval.arguments_json
+        pretty = raw
     body = escape(pretty)
     head, tail = "*Arguments*\n```", "```"
+    if approval.edited_json is not None:
+        editor = escape(fit(approval.edited_by or "a reviewer", MAX_NAME))
+        head = f"*Arguments* (as edited by *{editor}*; the changes are listed below)\n```"
     if text_length(head + body + tail) <= MAX_TEXT:
         return head + body + tail
     note = (
@@ -256,15 +283,23 @@ def _arguments(approval: Approval, url: str) -> str:
     return head + fit(body, room) + tail + note
 
 
-def _outcome(approval: Approval) -> str:
-    """Who decided, when and why — or what the gateway did (expired, cancelled)."""
+def outcome_text(approval: Approval, *, approved: str = "Approved", also: str = "") -> str:
+    """Who decided, when and why — or what the gateway did (expired, cancelled, denied on timeout).
+
+    ``approved`` names an approval ("Approved with changes"); ``also`` is added after it (what
+    was remembered). Both are mrkdwn the caller escaped.
+    """
     icon, status = _ICONS.get(approval.status, "•"), approval.status
     by = f" by *{escape(render.decider(approval))}*{_via(approval.decided_via)}"
     decided = f" {when(approval.decided_at)}" if approval.decided_at is not None else ""
     if status in _APPROVED:
-        line = f"{icon} *Approved*{by}{decided}"
+        line = f"{icon} *{approved}*{by}{decided}{also}"
         if status in _SENT:
             line += f"\n*Outcome:* {escape(render.outcome(approval))}"
+    elif status == "denied" and approval.decided_by in (None, GATEWAY):
+        # A rule with on_timeout = "deny": no reviewer decided; the gateway denied it at the timeout.
+        at = approval.decided_at if approval.decided_at is not None else approval.finished_at
+        line = f"{icon} *Denied: no decision in time*{f' {when(at)}' if at is not None else ''}"
     elif status == "denied":
         line = f"{icon} *Denied*{by}{decided}"
     else:
@@ -278,7 +313,7 @@ def _outcome(approval: Approval) -> str:
     return line
 
 
-def _buttons(approval: Approval) -> Block:
+def decision_buttons(approval: Approval) -> Block:
     # The value is only the id: everything else is read from the store when the click comes, so a
     # tampered or stale message can never change what is decided.
     return {
@@ -290,7 +325,8 @@ def _buttons(approval: Approval) -> Block:
                 "action_id": ACTION_APPROVE,
                 "text": plain("Approve", MAX_BUTTON),
                 "style": "primary",
-                "value": approval.id,
+                # What the message shows: a click after an edit it has not shown yet is refused.
+                "value": f"{approval.id}:{approval.release_sha256}",
             },
             {
                 "type": "button",
@@ -357,27 +393,8 @@ def read_deny_submission(view: Mapping[str, Any]) -> tuple[str, str, str] | None
     return approval_id, channel, value.strip()[:MAX_REASON]
 
 
-# ---- ephemeral answers to a click ---------------------------------------------------------------
-
-
-def not_a_reviewer() -> str:
-    return "Only configured reviewers can decide approvals, and your Slack account is not one of them."
-
-
-def own_agent(approval: Approval) -> str:
-    return (
-        f"You run agent {escape(approval.grant)}: a reviewer may not decide their own agent's calls. "
-        "Ask another reviewer."
-    )
+# ---- ephemeral answers to a click (the rest are in slack_answers) -------------------------------
 
 
 def already_decided(approval: Approval) -> str:
     return escape(render.already_decided(approval))
-
-
-def not_recorded() -> str:
-    return "The gateway could not record your decision (its store failed), so nothing was decided. Try again."
-
-
-def unknown_approval() -> str:
-    return "This approval is not known to the gateway (it may belong to another gateway)."

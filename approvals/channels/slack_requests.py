@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -31,12 +33,18 @@ from approvals.jsonrpc import decode_text
 __all__ = [
     "MAX_BODY_BYTES",
     "SIGNATURE_WINDOW",
+    "Click",
     "SlackRequestError",
+    "click_of",
     "interaction",
+    "only_from",
     "parse",
     "read_body",
+    "user_id",
     "verify",
 ]
+
+log = logging.getLogger(__name__)
 
 SIGNATURE_WINDOW = 300  # seconds either side of now, as Slack's docs say: older requests may be replays
 # Interactivity payloads carry the clicked message, whose blocks are at most ~150 KB; escaped
@@ -122,7 +130,7 @@ def interaction(payload: object) -> dict[str, Any]:
         if not (isinstance(actions, list) and actions):
             raise _bad("actions must be a non-empty list")
         named = {f"actions[{i}]": action for i, action in enumerate(actions)}
-        checked["actions"] = [_strings(named, key, ACTION, required="action_id") for key in named]
+        checked["actions"] = [_action(named, key) for key in named]
     else:
         view = _strings(payload, "view", VIEW, required="callback_id", also=("state",))
         if view is None or view.get("type") != "modal":  # bolt takes other views for workflow steps
@@ -161,6 +169,20 @@ def _strings(
     return kept
 
 
+def _action(named: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """One action: its string fields, and the value of a select's chosen option (approve & remember)."""
+    action = _strings(named, key, ACTION, required="action_id")
+    chosen = named[key].get("selected_option")
+    if chosen is not None:
+        where = f"{key}.selected_option"
+        option = _strings({where: chosen}, where, ("value",), required="value")
+        assert option is not None  # required: refused when absent
+        assert action is not None
+        action["selected_option"] = {"value": option["value"]}
+    assert action is not None
+    return action
+
+
 def _picked(value: Mapping[str, Any], prefix: str, names: tuple[str, ...]) -> dict[str, str]:
     kept = {name: value[name] for name in names if value.get(name) is not None}
     for name, item in kept.items():
@@ -180,3 +202,59 @@ def _shown(value: object) -> str:
 
 
 _JSON_TYPES = {dict: "object", list: "array", bool: "boolean", int: "number", float: "number"}
+
+
+# ---- reading a checked interaction ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Click:
+    """Who clicked, where, on which approval — read from a Slack payload (for a select: the option's
+    value, which names the approval and the choice)."""
+
+    user: str
+    channel: str
+    approval_id: str
+
+
+def user_id(body: Mapping[str, Any]) -> str | None:
+    user = body.get("user")
+    found = user.get("id") if isinstance(user, Mapping) else None
+    return found if isinstance(found, str) else None
+
+
+def only_from(body: Mapping[str, Any], team_id: str) -> bool:
+    """Whether every workspace the payload names — and at least one — is `team_id`, in at most one org.
+
+    A Slack user id is unique only within its workspace (or Enterprise Grid org), so the clicking user
+    counts as a reviewer only when the payload shows no other workspace anywhere: the message's
+    (``team.id``), the user's own (``user.team_id``) and the modal's (``view.team_id``,
+    ``view.app_installed_team_id``). Two Enterprise Grid orgs named (``enterprise.id``,
+    ``user.enterprise_id``, ``team.enterprise_id``) are refused too. Fails closed.
+    """
+    team, user, view, org = (_object_at(body, key) for key in ("team", "user", "view", "enterprise"))
+    teams = [team.get("id"), user.get("team_id"), view.get("team_id"), view.get("app_installed_team_id")]
+    orgs = {org.get("id"), user.get("enterprise_id"), team.get("enterprise_id")} - {None}
+    named = [t for t in teams if t is not None]
+    return bool(named) and all(t == team_id for t in named) and len(orgs) <= 1
+
+
+def _object_at(body: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = body.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def click_of(body: Mapping[str, Any]) -> Click | None:
+    """The clicking user, the channel of the message and the value of a button (the approval id)
+    or of a select's chosen option, or None."""
+    actions, channel, user = body.get("actions"), body.get("channel"), user_id(body)
+    action = actions[0] if isinstance(actions, list) and actions else None
+    value = action.get("value") if isinstance(action, Mapping) else None
+    chosen = action.get("selected_option") if isinstance(action, Mapping) else None
+    if value is None and isinstance(chosen, Mapping):
+        value = chosen.get("value")
+    channel_id = channel.get("id") if isinstance(channel, Mapping) else None
+    if not (isinstance(value, str) and isinstance(channel_id, str) and user is not None):
+        log.warning("ignoring a malformed Slack click")
+        return None
+    return Click(user, channel_id, value)

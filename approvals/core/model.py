@@ -302,6 +302,8 @@ class Admission:
     answer: JsonObject | None = None
     on_result: Callable[[JsonObject], Awaitable[None]] | None = None
     hold: Hold | None = None
+    # Merged into a forwarded call's result `_meta` (a call a standing grant let through says so).
+    meta: JsonObject | None = None
 
 
 FORWARD = Admission()

@@ -35,6 +35,7 @@ __all__ = [
     "CounterStore",
     "Counters",
     "Listener",
+    "ServiceStore",
     "StandingGrantStore",
     "Store",
     "UpstreamCaller",
@@ -156,8 +157,9 @@ class ApprovalStore(Protocol):
         ``decided_via`` is a field like the others.
 
         None means the status was not in ``from_`` (or the id is unknown): another caller won,
-        and reading the record says who. Raises ``ValueError`` for an illegal ``from_ → to`` pair
-        or a field that may not be set: those are programming errors.
+        and reading the record says who. Raises ``ValueError`` for an illegal ``from_ → to`` pair,
+        a ``pending → pending`` step without ``version``, or a field that may not be set: those are
+        programming errors.
         """
         ...
 
@@ -183,6 +185,20 @@ class ApprovalStore(Protocol):
 
     async def next_expiry(self) -> float | None:
         """The earliest ``expires_at`` among pending records, so expiry can wait exactly."""
+        ...
+
+    async def due_for_escalation(self, now: float) -> list[Approval]:
+        """Pending records whose ``escalate_at <= now``, soonest first (``escalate_at`` then ``id``).
+
+        A record with ``escalate_at`` None has no escalation step left. The caller takes each step
+        as a ``pending → pending`` transition on the version it read (event "escalated"), setting
+        ``escalated`` and the next ``escalate_at``, so two processes never take the same step twice.
+        """
+        ...
+
+    async def next_escalation(self) -> float | None:
+        """The earliest ``escalate_at`` among pending records (None: none is due ever), so the
+        escalation task can wait exactly."""
         ...
 
     async def drop_expired_results(self, now: float) -> int:
@@ -272,6 +288,10 @@ class StandingGrantStore(Protocol):
     ) -> StandingGrant | None:
         """Revoke it if it is not revoked yet; the revoked grant, or None (unknown or already revoked)."""
         ...
+
+
+class ServiceStore(ApprovalStore, StandingGrantStore, Protocol):
+    """What the approval service needs of a store: approvals and standing grants."""
 
 
 class AuditSinkStore(Protocol):

@@ -1,4 +1,5 @@
-"""Releasing an approved call: exactly once, with exactly the stored arguments, within the limits.
+"""Releasing an approved call: exactly once, with exactly the approved arguments (a reviewer's edit
+when there is one), within the limits.
 
 Part of :class:`approvals.core.service.ApprovalService` (a base class of it, so the life cycle
 stays one object); kept apart because it is the one path that talks to the upstream: counting the
@@ -20,10 +21,10 @@ from approvals.config import Settings
 from approvals.core import upstream_tasks
 from approvals.core.leases import owner_gone
 from approvals.core.model import Approval, Status
-from approvals.core.ports import ApprovalStore, Counters, UpstreamCaller
+from approvals.core.ports import Counters, ServiceStore, UpstreamCaller
 from approvals.jsonrpc import JsonObject
 from approvals.limits import Reservation, scope_key, window_start
-from approvals.outcomes import upstream_timeout
+from approvals.outcomes import upstream_timeout, with_edit_note
 from approvals.policy import Limit
 from approvals.tool_catalog import ToolCatalog, fingerprint
 
@@ -46,7 +47,7 @@ class Releasing:
     """The release path of the approval service (see the module's docstring)."""
 
     settings: Settings
-    store: ApprovalStore
+    store: ServiceStore
     clock: Callable[[], float]
     owner: str
     _counters: Counters
@@ -101,7 +102,7 @@ class Releasing:
             self._releasing.discard(approval.id)
 
     async def _release_now(self, approval: Approval, decided_mark: int) -> None:
-        arguments = approval.arguments
+        arguments = approval.release_arguments  # a reviewer's edit, when there is one
         reservation = await self._room_to_release(approval, arguments)
         if reservation is None:
             return
@@ -153,6 +154,7 @@ class Releasing:
             await self._counters.rollback(reservation)
             if (arrival := self._arrivals.get(approval.id)) is not None:
                 await self._counters.rollback(arrival)
+        response = with_edit_note(approval, response)  # the agent learns what ran was changed
         await self._finish(released, "released", "failed" if failed else "completed", response=response)
 
     async def _call_as_task(
@@ -243,6 +245,7 @@ class Releasing:
             decided_at=None,
             decided_by=None,
             decided_via=None,
+            votes_json="",  # approvals given under the old definition do not count for the new one
         )
         if back is not None:
             log.warning("approval %s back to pending: %s", approval.id, note)

@@ -152,6 +152,14 @@ def already_decided(approval: Approval) -> str:
     return f"This request was already {decided(approval.status)} by {visible(approval.decided_by)}{via}."
 
 
+def own_agent(approval: Approval, reviewer: str) -> str:
+    """Why the agent's owner may not decide its calls."""
+    return (
+        f"{visible(reviewer)} runs agent {visible(approval.grant)}: a reviewer may not approve "
+        "their own agent's calls"
+    )
+
+
 def reason_error(reason: str) -> str | None:
     """Why `reason` cannot be recorded (it is over the limit), or None when it can."""
     if len(reason) <= MAX_REASON_CHARS:

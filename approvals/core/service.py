@@ -33,7 +33,8 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from approvals.config import Principal, Settings
-from approvals.core.deciding import RememberRequest, ReviewState
+from approvals.core import render
+from approvals.core.deciding import Deciding, RememberRequest, review_of
 from approvals.core.holds import ApprovalHold
 from approvals.core.leases import LIVE_OWNERS
 from approvals.core.model import (
@@ -46,11 +47,10 @@ from approvals.core.model import (
     new_approval_id,
     sha256_of,
 )
-from approvals.core.ports import ApprovalStore, Change, ChangeFeed, Counters, UpstreamCaller
-from approvals.core.release import Releasing
-from approvals.core.standing import StandingGrant
+from approvals.core.ports import Change, ChangeFeed, Counters, ServiceStore, UpstreamCaller
+from approvals.core.release import APPROVED_LEASE_SECONDS, Releasing
+from approvals.core.remembering import Remembering
 from approvals.core.why import Why, explain
-from approvals.errors import DecisionRefused
 from approvals.jsonrpc import JsonObject
 from approvals.limits import LimitRefusal, Reservation
 from approvals.outcomes import (
@@ -75,9 +75,12 @@ _FOREVER = frozenset({"approval-expiry", "approval-housekeeping"})  # tasks that
 _PENDING: tuple[Status, ...] = ("pending",)
 _APPROVED: tuple[Status, ...] = ("approved",)
 LimitsFor = Callable[[str, str, Mapping[str, object]], Sequence[Limit]]
+Judge = Callable[
+    [str, str, Mapping[str, object]], Decision
+]  # (upstream, tool, arguments) → the policy's verdict
 
 
-class ApprovalService(Releasing):
+class ApprovalService(Deciding, Remembering, Releasing):
     """Creates approvals for held calls, takes decisions, and releases approved calls upstream.
 
     Made fully started by :meth:`open`, ended by :meth:`close`.
@@ -87,13 +90,14 @@ class ApprovalService(Releasing):
         self,
         settings: Settings,
         *,
-        store: ApprovalStore,
+        store: ServiceStore,
         counters: Counters,
         upstreams: UpstreamCaller,
         catalog: ToolCatalog,
         feed: ChangeFeed,
         limits_for: LimitsFor,
         clock: Callable[[], float],
+        judge: Judge | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -102,6 +106,7 @@ class ApprovalService(Releasing):
         self._upstreams = upstreams
         self._catalog = catalog
         self._limits_for = limits_for
+        self._judge = judge  # the policy's verdict on an edited call (None: edits are refused)
         self.clock = clock
         # Who holds the leases this process takes: unique per process and per start.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -119,7 +124,7 @@ class ApprovalService(Releasing):
         cls,
         settings: Settings,
         *,
-        store: ApprovalStore,
+        store: ServiceStore,
         counters: Counters,
         upstreams: UpstreamCaller,
         catalog: ToolCatalog,
@@ -127,6 +132,7 @@ class ApprovalService(Releasing):
         limits_for: LimitsFor,
         clock: Callable[[], float] = time.time,
         expire_on_clock: bool = True,
+        judge: Judge | None = None,
     ) -> ApprovalService:
         """The service, recovered from a stop and running its expiry and housekeeping tasks.
 
@@ -142,6 +148,7 @@ class ApprovalService(Releasing):
             feed=feed,
             limits_for=limits_for,
             clock=clock,
+            judge=judge,
         )
         LIVE_OWNERS.add(service.owner)
         # Releases interrupted by a stop are ended; approvals whose decider stopped before
@@ -218,8 +225,12 @@ class ApprovalService(Releasing):
             grant=call.grant, upstream=call.upstream, tool=call.tool, args_sha256=args_sha, now=now
         )
         if existing is not None:
-            # A repeat call never opens a second request (and is not counted again).
+            # A repeat call never opens a second request (and is not counted again) — nor is it let
+            # through by a standing grant saved with the approval it is collecting: that call ran.
             return Admission(hold=self.follow(existing))
+        remembered = await self._by_standing_grant(call, decision, args_sha, now)
+        if remembered is not None:
+            return remembered
         reserved = await self._counters.reserve(
             decision.limits, grant=call.grant, session=call.session, arguments=call.arguments, now=now
         )
@@ -240,7 +251,8 @@ class ApprovalService(Releasing):
             return Admission(answer=too_many_pending(limit))
         if opened.id == asked.id:
             self._arrivals[opened.id] = reserved
-            if opened.expires_at < self._expiry_due or self._expiry_due == -math.inf:
+            due = min(opened.expires_at, opened.escalate_at or math.inf)
+            if due < self._expiry_due or self._expiry_due == -math.inf:
                 self._wakeup.set()
             self.feed.publish(Change(opened, "created"))
         return Admission(hold=self.follow(opened))
@@ -266,6 +278,8 @@ class ApprovalService(Releasing):
             status="pending",
             created_at=now,
             expires_at=now + (decision.approval_timeout or self.settings.approvals.timeout),
+            review_json=decision.review.to_json(),
+            escalate_at=now + decision.review.escalate[0].after if decision.review.escalate else None,
         )
 
     def delivered(self, approval_id: str) -> None:
@@ -283,74 +297,25 @@ class ApprovalService(Releasing):
         channel: str,
         arguments: Mapping[str, object] | None = None,
         remember: RememberRequest | None = None,
+        seen_sha256: str | None = None,
     ) -> Approval:
         """A reviewer's decision; the record after it. Raises DecisionRefused with its kind.
 
         ``status == "pending"`` after an approval means it was counted and the quorum needs more.
         ``arguments``: approve the call with these arguments instead (edit before approve).
         ``remember``: also save a standing grant for later calls like this one.
+        ``seen_sha256``: the arguments' hash the reviewer was shown; refused ("changed") if an edit
+        has changed them since.
         """
         decided, _ = await self.decide_and_remember(
             approval_id, reviewer, approve=approve, reason=reason, channel=channel,
-            arguments=arguments, remember=remember,
+            arguments=arguments, remember=remember, seen_sha256=seen_sha256,
         )  # fmt: skip
         return decided
-
-    async def decide_and_remember(
-        self,
-        approval_id: str,
-        reviewer: Principal,
-        *,
-        approve: bool,
-        reason: str | None,
-        channel: str,
-        arguments: Mapping[str, object] | None = None,
-        remember: RememberRequest | None = None,
-    ) -> tuple[Approval, StandingGrant | None]:
-        """:meth:`decide`, and the standing grant it saved (None when none was asked for)."""
-        raise NotImplementedError
-
-    async def decide_many(
-        self,
-        approval_ids: Sequence[str],
-        reviewer: Principal,
-        *,
-        approve: bool,
-        reason: str | None,
-        channel: str,
-    ) -> list[tuple[str, Approval | DecisionRefused]]:
-        """Each id decided on its own, in order: the record after it, or why it was refused (a
-        request decided elsewhere meanwhile is reported, never overwritten)."""
-        raise NotImplementedError
-
-    def review_state(self, approval: Approval) -> ReviewState:
-        """Where the approval's review stands (quorum progress, escalation, what may be offered)."""
-        raise NotImplementedError
-
-    def refusal_for(self, approval: Approval, reviewer: Principal, channel: str) -> str | None:
-        """Why this reviewer may not decide this approval through ``channel`` now (shown with the
-        request read-only), or None when they may."""
-        raise NotImplementedError
 
     async def why(self, approval: Approval) -> Why:
         """What makes the call risky (core.why)."""
         return await explain(self.store, approval, self.clock())
-
-    # ---- standing grants -------------------------------------------------------------------
-
-    async def list_standing(
-        self, *, active: bool = False, grant: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[StandingGrant]:
-        """Newest first; ``active`` keeps only those that apply now."""
-        raise NotImplementedError
-
-    async def get_standing(self, grant_id: str) -> StandingGrant | None:
-        raise NotImplementedError
-
-    async def revoke_standing(self, grant_id: str, reviewer: Principal, channel: str) -> StandingGrant:
-        """Revoke at once; raises DecisionRefused ("unknown", or "already_decided" when it was
-        revoked already)."""
-        raise NotImplementedError
 
     async def cancel(self, approval_id: str, reason: str) -> None:
         """The client cancelled its held call: a pending request is withdrawn (approved ones go on)."""
@@ -432,13 +397,48 @@ class ApprovalService(Releasing):
     # ---- expiry and recovery ---------------------------------------------------------------
 
     async def expire_due(self) -> None:
-        """One pass of what the expiry task does: expire what is due, end releases whose owner
-        stopped, drop kept results past their time."""
+        """One pass of what the expiry task does: escalate and expire what is due, end releases
+        whose owner stopped, drop kept results past their time."""
         now = self.clock()
+        await self.escalate_due()
         for approval in await self.store.due_for_expiry(now):
-            await self._finish(approval, approval.status, "expired", reason="no decision before the timeout")
+            await self._time_out(approval)
         await self._recover()
         await self.store.drop_expired_results(now)
+
+    async def _time_out(self, approval: Approval) -> None:
+        """No decision in time: expired, or denied where the rule says ``on_timeout: deny``. An
+        approved call that lapsed waiting for room under a rate limit always expires."""
+        if approval.status == "pending" and review_of(approval).on_timeout == "deny":
+            waited = render.duration(approval.expires_at - approval.created_at)
+            reason = f"no decision within {waited}; this call's rule denies it then (on_timeout: deny)"
+            await self._finish(approval, "pending", "denied", reason=reason)
+        else:
+            await self._finish(approval, approval.status, "expired", reason="no decision before the timeout")
+
+    async def escalate_due(self) -> None:
+        """Announce each request undecided past its next escalation step to that step's groups
+        (who may decide it from then on): one ``pending → pending`` step, published as "escalated"."""
+        for approval in await self.store.due_for_escalation(self.clock()):
+            steps = review_of(approval).escalate
+            step = approval.escalated
+            if step >= len(steps):  # nothing left to announce: stop asking
+                await self._move(
+                    approval.id, _PENDING, "pending", actor="gateway", channel="gateway",
+                    event="escalation_done", version=approval.version, escalate_at=None,
+                )  # fmt: skip
+                continue
+            later = steps[step + 1].after if step + 1 < len(steps) else None
+            await self._move(
+                approval.id, _PENDING, "pending", actor="gateway", channel="gateway",
+                event="escalated", version=approval.version, escalated=step + 1,
+                escalate_at=None if later is None else approval.created_at + later,
+            )  # fmt: skip
+
+    def _approved_lease(self, now: float) -> dict[str, Any]:
+        """The lease an approval gives this process: it releases the call; if it stops first,
+        another process will (release.py)."""
+        return {"lease_owner": self.owner, "lease_expires_at": now + APPROVED_LEASE_SECONDS}
 
     async def _expire_forever(self) -> None:
         swept = self.clock()
@@ -454,7 +454,12 @@ class ApprovalService(Releasing):
 
     async def _expire_next(self) -> None:
         self._expiry_due = -math.inf  # until the next time is known, every admission wakes us
-        next_at = await self.store.next_expiry()
+        due = [
+            at
+            for at in (await self.store.next_expiry(), await self.store.next_escalation())
+            if at is not None
+        ]
+        next_at = min(due) if due else None
         self._expiry_due = math.inf if next_at is None else next_at
         wait = (
             LEASE_SWEEP_SECONDS
@@ -465,8 +470,9 @@ class ApprovalService(Releasing):
             await asyncio.wait_for(self._wakeup.wait(), wait)
         self._wakeup.clear()
         now = self.clock()
+        await self.escalate_due()
         for approval in await self.store.due_for_expiry(now):
-            await self._finish(approval, approval.status, "expired", reason="no decision before the timeout")
+            await self._time_out(approval)
         await self.store.drop_expired_results(now)
 
 

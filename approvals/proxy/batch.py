@@ -35,6 +35,7 @@ from approvals.jsonrpc import (
     error_response,
     result_response,
 )
+from approvals.outcomes import with_meta
 from approvals.proxy import handlers
 from approvals.proxy.keys import GATE
 from approvals.proxy.session import Session, bad_progress_token
@@ -131,6 +132,8 @@ async def _tool_call(request: web.Request, session: Session, message: Message) -
     if admission.answer is not None:
         return result_response(message.id, admission.answer)
     answer = await _forwarded(session, message, body)
+    if answer is not None:
+        answer = with_meta(answer, admission.meta)
     if admission.on_result is not None:
         await admission.on_result(answer or error_response(message.id, UPSTREAM_UNAVAILABLE, "no answer"))
     return answer

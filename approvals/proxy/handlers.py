@@ -33,6 +33,7 @@ from approvals.jsonrpc import (
     parse_payload,
     result_response,
 )
+from approvals.outcomes import with_meta
 from approvals.proxy import batch, stateless, tasks
 from approvals.proxy.gate import Gate
 from approvals.proxy.gateway import Gateway
@@ -301,7 +302,9 @@ async def _tool_call(
         assert message.id is not None
         return json_message(result_response(message.id, admission.answer))
     exchange = session.forward_request(message, body)
-    response, answer = await _relay(request, session, exchange)
+    meta = admission.meta
+    marked = None if meta is None else (lambda answer: with_meta(answer, meta))
+    response, answer = await _relay(request, session, exchange, transform=marked)
     if admission.on_result is not None:
         await admission.on_result(answer or error_response(message.id, UPSTREAM_UNAVAILABLE, "no answer"))
     return response

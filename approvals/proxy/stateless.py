@@ -55,6 +55,7 @@ from approvals.jsonrpc import (
     error_response,
     result_response,
 )
+from approvals.outcomes import with_meta
 from approvals.proxy import handlers, listen_bridge, passthrough, pooled_serving, tasks_modern
 from approvals.proxy.hold import stream_hold
 from approvals.proxy.keys import GATE, GATEWAY
@@ -361,13 +362,16 @@ async def _tool_call(
         return await stream_hold(request, holder, message, hold, hold_seconds)
     if admission.answer is not None:
         return handlers.json_message(result_response(message.id, complete(admission.answer, "tools/call")))
+    meta = admission.meta
     if modern:
         wrap = _state_wrapper(gateway.states, Judged.of(grant.name, upstream, name, arguments))
+        marked = wrap if meta is None else (lambda answer: with_meta(wrap(answer), meta))
         response, answer = await passthrough.relay(
-            request, upstream, message.id, body, wrap, arguments=arguments
+            request, upstream, message.id, body, marked, arguments=arguments
         )
     else:
-        response, answer = await pooled_serving.serve(request, grant, upstream, message, body)
+        marked_pooled = None if meta is None else (lambda answer: with_meta(answer, meta))
+        response, answer = await pooled_serving.serve(request, grant, upstream, message, body, marked_pooled)
     if admission.on_result is not None:
         await admission.on_result(answer or error_response(message.id, UPSTREAM_UNAVAILABLE, "no answer"))
     return response

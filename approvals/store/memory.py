@@ -20,7 +20,6 @@ stop a service and start another over the same store, as a restart over the same
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -36,21 +35,27 @@ from approvals.core.model import (
     check_update_fields,
 )
 from approvals.core.ports import CounterRow
+from approvals.core.standing import StandingGrant
 from approvals.errors import StoreError
 from approvals.request_context import REQUEST_ID
+from approvals.store.memory_review import MemoryReviewMethods
+from approvals.store.memory_review import round_trip as _round_trip
+from approvals.store.review_rows import check_step
 
 __all__ = ["MemoryStore"]
 
 _OPEN: frozenset[Status] = frozenset({"pending", "approved", "released"})
 
 
-class MemoryStore:
-    """The in-memory implementation of :class:`approvals.core.ports.Store`."""
+class MemoryStore(MemoryReviewMethods):
+    """The in-memory implementation of :class:`approvals.core.ports.Store` (escalation queries and
+    standing grants in :class:`~approvals.store.memory_review.MemoryReviewMethods`)."""
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock  # only to stamp audit events; every decision is told `now`
         self._counters: dict[tuple[str, str, int], float] = {}
         self._approvals: dict[str, Approval] = {}
+        self._standing: dict[str, StandingGrant] = {}
         self._audit: list[AuditEvent] = []
         self._head: tuple[int, str] = (0, GENESIS)  # the newest audit event's (seq, hash)
         self._sinks: dict[str, _SinkRow] = {}  # audit sink name → its cursor and lease
@@ -153,16 +158,21 @@ class MemoryStore:
         actor: str,
         channel: str,
         event: str | None = None,
+        version: int | None = None,
         **fields: object,
     ) -> Approval | None:
-        """Compare-and-set the status plus its audit event; the new record, or None."""
+        """Compare-and-set the status (and ``version``, if given) plus its audit event; the new
+        record, or None."""
         check_transition(from_, to)
+        check_step(from_, to, version)
         check_transition_fields(fields)
         at = self._clock()
         await _round_trip()
         current = self._approvals.get(approval_id)
         if current is None or current.status not in from_:
             return None  # a lost race (or an unknown id), not an error
+        if version is not None and current.version != version:
+            return None  # another step moved the record since the caller read it
         moved = dataclasses.replace(current, status=to, version=current.version + 1, **fields)  # type: ignore[arg-type]
         self._approvals[approval_id] = moved
         # The reason given to this move, not one left on the record by an earlier move.
@@ -243,10 +253,11 @@ class MemoryStore:
         args_sha256: str,
         detail: str | None = None,
     ) -> None:
-        """Append an event that is not a transition; the approval must exist."""
+        """Append an event that is not a transition; the approval (or standing grant) must exist."""
         at = self._clock()
         await _round_trip()
-        self._known(approval_id)
+        if approval_id not in self._standing:
+            self._known(approval_id)
         self._append(
             at=at,
             approval_id=approval_id,
@@ -422,9 +433,3 @@ def _newest_first(approvals: list[Approval]) -> list[Approval]:
 def _copy(approval: Approval) -> Approval:
     # A fresh record with its own parsing cache: a caller who mutates `.arguments` changes only theirs.
     return dataclasses.replace(approval)
-
-
-async def _round_trip() -> None:
-    # A call to a database suspends the caller; so does this one, so that tests see the same
-    # interleavings of concurrent callers. The work itself comes after, in one step.
-    await asyncio.sleep(0)

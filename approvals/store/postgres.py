@@ -18,14 +18,12 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
 
 import asyncpg
 
 from approvals.audit_chain import GENESIS, seal
 from approvals.core.model import (
     RESULT_DROPPED_NOTE,
-    STATUSES,
     STORED_FIELDS,
     Approval,
     AuditEvent,
@@ -37,7 +35,13 @@ from approvals.core.model import (
 from approvals.core.ports import CounterRow
 from approvals.errors import StoreError
 from approvals.request_context import REQUEST_ID
-from approvals.store import postgres_inbox, postgres_quota, postgres_replicas
+from approvals.store import postgres_inbox, postgres_quota, postgres_replicas, postgres_review
+from approvals.store.postgres_rows import AUDIT_COLUMNS as _AUDIT_COLUMNS
+from approvals.store.postgres_rows import COLUMN as _COLUMN
+from approvals.store.postgres_rows import SELECT as _SELECT
+from approvals.store.postgres_rows import approval_of_row as _approval
+from approvals.store.postgres_rows import audit_event_of_row as _audit_event
+from approvals.store.review_rows import check_step
 
 __all__ = ["CHANNEL", "MIGRATIONS", "PostgresStore"]
 
@@ -149,14 +153,10 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
         FOR EACH ROW EXECUTE FUNCTION audit_append_only();
     """,
+    postgres_review.MIGRATION,
 ]
 AUDIT_CHAIN_MIGRATION = 5  # its number: the migration that also chains the rows already there
 
-_COLUMN = {name: "grant_name" if name == "grant" else name for name in STORED_FIELDS}
-_SELECT = ", ".join(_COLUMN[name] for name in STORED_FIELDS)
-_AUDIT_COLUMNS = (
-    "seq, at, approval_id, event, actor, channel, args_sha256, detail, prev_hash, hash, request_id"
-)
 _REUSABLE = (
     " WHERE grant_name = $1 AND upstream = $2 AND tool = $3 AND args_sha256 = $4"
     " AND (status IN ('pending', 'approved', 'released')"
@@ -167,8 +167,9 @@ _REUSABLE = (
 )
 
 
-class PostgresStore(postgres_inbox.PostgresInboxMethods):
-    """The whole store (`approvals.core.ports.Store`) on a PostgreSQL pool."""
+class PostgresStore(postgres_inbox.PostgresInboxMethods, postgres_review.PostgresReviewMethods):
+    """The whole store (`approvals.core.ports.Store`) on a PostgreSQL pool (escalation queries and
+    standing grants in :class:`~approvals.store.postgres_review.PostgresReviewMethods`)."""
 
     def __init__(self, pool: asyncpg.Pool, url: str, clock: Callable[[], float] = time.time) -> None:
         self._pool = pool
@@ -207,7 +208,7 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         async with self._connection("empty the database") as conn:
             tables = (
                 "approvals, audit, message_refs, counters, used_login_links, ended_inbox_sessions,"
-                " rate_quota, audit_sinks"
+                " rate_quota, audit_sinks, standing_grants"
             )
             await conn.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
             await conn.execute("UPDATE audit_head SET seq = 0, hash = $1", GENESIS)
@@ -356,22 +357,26 @@ class PostgresStore(postgres_inbox.PostgresInboxMethods):
         actor: str,
         channel: str,
         event: str | None = None,
+        version: int | None = None,
         **fields: object,
     ) -> Approval | None:
         check_transition(from_, to)
+        check_step(from_, to, version)
         check_transition_fields(fields)
         sets = ["status = $1", "version = version + 1"]
         sets += [f"{_COLUMN[name]} = ${n}" for n, name in enumerate(fields, start=2)]
         n = len(fields) + 2
-        sql = (
-            f"UPDATE approvals SET {', '.join(sets)} WHERE id = ${n} AND status = ANY(${n + 1}::text[])"  # noqa: S608
-            f" RETURNING {_SELECT}"
-        )
+        params: list[object] = [to, *fields.values(), approval_id, sorted(set(from_))]
+        where = f"id = ${n} AND status = ANY(${n + 1}::text[])"
+        if version is not None:  # a step on the way to a decision: only on the record as read
+            where += f" AND version = ${n + 2}"
+            params.append(version)
+        sql = f"UPDATE approvals SET {', '.join(sets)} WHERE {where} RETURNING {_SELECT}"  # noqa: S608
         async with (
             self._connection(f"move approval {approval_id} to {to}", write="transition") as conn,
             conn.transaction(),
         ):
-            row = await conn.fetchrow(sql, to, *fields.values(), approval_id, sorted(set(from_)))
+            row = await conn.fetchrow(sql, *params)
             if row is None:
                 return None
             moved = _approval(row)
@@ -608,21 +613,6 @@ async def _chain_unchained_audit(conn: asyncpg.Connection, page: int = 1000) -> 
     await conn.execute("UPDATE audit_head SET seq = $1, hash = $2", head_seq, head_hash)
 
 
-def _audit_event(row: Any) -> AuditEvent:
-    return AuditEvent(
-        int(row[0]), float(row[1]), str(row[2]), str(row[3]), str(row[4]), str(row[5]), str(row[6]), row[7],
-        prev_hash=str(row[8]), hash=str(row[9]), request_id=row[10],
-    )  # fmt: skip
-
-
 def _check_new(approval: Approval) -> None:
     if approval.status != "pending" or approval.version != 0:
         raise ValueError(f"a new approval must be pending at version 0, not {approval.status!r}")
-
-
-def _approval(row: Any) -> Approval:
-    values = {name: row[_COLUMN[name]] for name in STORED_FIELDS}
-    if values["status"] not in STATUSES:
-        # Failing closed: a state this code does not know is never acted on.
-        raise StoreError(f"approval {values['id']!r} has unknown status {values['status']!r}")
-    return Approval(**values)

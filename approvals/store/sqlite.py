@@ -12,8 +12,9 @@ written behind every second. Approval and audit writes are *durable*: their grou
 ``synchronous=FULL``, so the WAL is fsynced before the call returns. That is what makes
 ``approved → released`` single use across a power cut.
 
-The approvals and audit SQL is in :mod:`approvals.store.sqlite_approvals`; this module keeps the
-jobs' boundaries, their durability and the schema history.
+The approvals and audit SQL is in :mod:`approvals.store.sqlite_approvals`, the review workflows'
+(escalation queries, standing grants, schema v8) in :mod:`approvals.store.sqlite_review`; this
+module keeps the jobs' boundaries, their durability and the schema history.
 
 Schema changes are the ordered scripts in :data:`MIGRATIONS`; version N of the schema is the
 first N scripts applied, recorded in ``PRAGMA user_version``. To change the schema, append one
@@ -42,6 +43,8 @@ from approvals.core.ports import CounterRow
 from approvals.errors import StoreError
 from approvals.request_context import REQUEST_ID
 from approvals.store import sqlite_approvals as q
+from approvals.store.review_rows import check_step
+from approvals.store.sqlite_review import REVIEW_SCHEMA, SqliteReviewMethods
 from approvals.store.sqlite_thread import SqliteThread
 
 __all__ = ["AUDIT_CHAIN_VERSION", "CHANGES_PAGE", "MIGRATIONS", "SqliteStore"]
@@ -86,14 +89,18 @@ MIGRATIONS: list[str] = [
     q.LEASES_SCHEMA,
     _V6_INBOX,
     q.AUDIT_CHAIN_SCHEMA,
+    REVIEW_SCHEMA,
 ]
 # The version whose migration also chains the audit rows written before it (in Python: the hash).
 AUDIT_CHAIN_VERSION = 7
 T = TypeVar("T")
 
 
-class SqliteStore:
-    """The SQLite implementation of :class:`approvals.store.Store`. Create with :meth:`open`."""
+class SqliteStore(SqliteReviewMethods):
+    """The SQLite implementation of :class:`approvals.store.Store`. Create with :meth:`open`.
+
+    Escalation queries and standing grants are in :class:`~approvals.store.sqlite_review.SqliteReviewMethods`.
+    """
 
     def __init__(self, db: SqliteThread, clock: Callable[[], float] = time.time) -> None:
         self._db = db
@@ -266,10 +273,13 @@ class SqliteStore:
         actor: str,
         channel: str,
         event: str | None = None,
+        version: int | None = None,
         **fields: object,
     ) -> Approval | None:
-        """Compare-and-set the status plus its audit event, durably; the new record or None."""
+        """Compare-and-set the status (and ``version``, if given) plus its audit event, durably; the
+        new record or None."""
         check_transition(from_, to)
+        check_step(from_, to, version)
         check_transition_fields(fields)
         at = self._clock()
         request_id = REQUEST_ID.get()  # read here: the job runs on the store's thread
@@ -278,7 +288,7 @@ class SqliteStore:
         detail = reason if isinstance(reason, str) else None
 
         def move(conn: sqlite3.Connection) -> Approval | None:
-            updated = q.update_status(conn, approval_id, from_=from_, to=to, fields=fields)
+            updated = q.update_status(conn, approval_id, from_=from_, to=to, fields=fields, version=version)
             if updated is not None:
                 q.insert_audit(
                     conn,

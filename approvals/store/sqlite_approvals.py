@@ -23,7 +23,9 @@ __all__ = [
     "LEASES_SCHEMA",
     "MESSAGE_REFS_SCHEMA",
     "PENDING_INDEXES_SCHEMA",
+    "SELECT_COLUMNS",
     "advance_audit_sink",
+    "approval_of_row",
     "audit_events",
     "audit_head",
     "chain_unchained_audit",
@@ -205,6 +207,7 @@ _REAL_FIELDS = frozenset(
         "finished_at",
         "result_expires_at",
         "lease_expires_at",
+        "escalate_at",
     }
 )
 # Only pending requests expire on the clock: an approval given in time stands even when its release
@@ -408,15 +411,21 @@ def update_status(
     from_: Collection[Status],
     to: Status,
     fields: Mapping[str, object],
+    version: int | None = None,
 ) -> Approval | None:
-    """Compare-and-set: move the record to ``to`` if its status is in ``from_``; the new record or None."""
+    """Compare-and-set: move the record to ``to`` if its status is in ``from_`` (and its version is
+    ``version``, if given); the new record or None."""
     sets = ["status = ?", "version = version + 1", *(f"{_COLUMN[name]} = ?" for name in fields)]
     sources = sorted(set(from_))
+    where = f"id = ? AND status IN ({', '.join('?' * len(sources))})"
+    params: tuple[object, ...] = (to, *fields.values(), approval_id, *sources)
+    if version is not None:
+        where += " AND version = ?"
+        params += (version,)
     rows = _fetch(
         conn,
-        f"UPDATE approvals SET {', '.join(sets)}"  # noqa: S608
-        f" WHERE id = ? AND status IN ({', '.join('?' * len(sources))}) RETURNING {_SELECT}",
-        (to, *fields.values(), approval_id, *sources),
+        f"UPDATE approvals SET {', '.join(sets)} WHERE {where} RETURNING {_SELECT}",  # noqa: S608
+        params,
     )
     return _one(rows)
 
@@ -499,6 +508,16 @@ def message_ref(conn: sqlite3.Connection, approval_id: str, channel: str) -> str
     return str(rows[0][0]) if rows else None
 
 
+# For the review workflows' queries (approvals.store.sqlite_review): the columns of a record, in
+# Approval's field order, and the record of a row selected with them.
+SELECT_COLUMNS = _SELECT
+
+
+def approval_of_row(row: Any) -> Approval:
+    """The record of a row selected with :data:`SELECT_COLUMNS` (fails closed on an unknown status)."""
+    return _approval(row)
+
+
 def _fetch(conn: sqlite3.Connection, sql: str, params: Iterable[object]) -> list[Any]:
     # fetchall also steps an UPDATE … RETURNING to its end, so the statement is finished before
     # the caller commits.
@@ -533,6 +552,8 @@ def changes_after(conn: sqlite3.Connection, seq: int, limit: int) -> tuple[int, 
     ).fetchall()
     found: list[tuple[str, Approval]] = []
     for _, approval_id, event in rows:
+        # None for a standing grant's event ("granted", "used", "revoked" on an sg_ id): it has no
+        # approvals row and is no approval's change.
         approval = get_approval(conn, approval_id)
         if approval is not None:
             found.append((str(event), approval))

@@ -1,16 +1,24 @@
 """The reviewers' web inbox: server-rendered pages (jinja2, autoescaped), a little plain JavaScript.
 
-    GET  /inbox                          pending approvals, newest first; ?upstream=&tool=&agent=
-    GET  /inbox/events                   their live feed (server-sent events), same filters or ?id=
-    GET  /inbox/approvals/{id}           one approval in full; POST …/approve, …/deny (reason)
+    GET  /inbox                          pending approvals, newest first; ?upstream=&tool=&agent=;
+                                         each with its quorum progress, escalation, read-only reason
+    GET  /inbox/pending/events           the list's live feed (server-sent events), same filters
+    POST /inbox/batch                    several selected requests approved or denied, each on its own
+    GET  /inbox/events?id=               one approval's live feed (its page)
+    GET  /inbox/approvals/{id}           one approval in full, with why it was held and its review;
+                                         POST …/approve (optional `arguments`: edit before approve;
+                                         `remember`=preview|confirm: a standing grant), …/deny (reason)
+    GET  /inbox/grants                   standing grants; POST …/{id}/revoke; GET …/{id}/export (policy rule)
     GET  /inbox/history                  decided approvals; .csv and .json export the same search
     GET  /inbox/stats                    the reviewer dashboard (?days=7|30): figures and SVG charts
     GET  /inbox/login, POST /inbox/login a reviewer's token → a session cookie; POST /inbox/logout
     GET  /inbox/login/link?t=…           a one-time link from `approvals login-link REVIEWER`
-    GET  /inbox/static/…                 inbox.css, inbox.js, stats.css
+    GET  /inbox/static/…                 inbox.css, inbox.js, stats.css, pending.*, review.*
 
 Modules: inbox_auth (sessions, CSRF, Origin), inbox_state (what replicas share: used links, ended
-sessions, the key), inbox_login (login, links, logout), inbox_views (pages and decisions),
+sessions, the key), inbox_login (login, links, logout), inbox_views (the request page and decisions),
+inbox_list (the pending list), inbox_batch (batch decisions), inbox_review and inbox_review_forms
+(why, the review, edits and remember forms), inbox_grants (standing grants),
 inbox_viewed (the `viewed` event), inbox_history (history and exports), inbox_dashboard (the
 dashboard's page and its bounded reads), inbox_stats and inbox_charts (its figures and charts,
 pure), inbox_format (what is shown, pure), live (the live feed channel). Every /inbox response
@@ -35,6 +43,7 @@ from approvals.web import (
     inbox_dashboard,
     inbox_grants,
     inbox_history,
+    inbox_list,
     inbox_login,
     inbox_views,
 )
@@ -99,7 +108,8 @@ def setup(app: web.Application, settings: Settings, service: ApprovalService, au
     app.on_response_prepare.append(inbox_views.on_prepare)
     app.on_shutdown.append(feed.close)
     add = app.router
-    add.add_get("/inbox", inbox_views.pending_page)
+    add.add_get("/inbox", inbox_list.pending_page)
+    add.add_get("/inbox/pending/events", inbox_list.events)
     add.add_get("/inbox/events", inbox_views.events)
     add.add_get("/inbox/login", inbox_login.login_page)
     add.add_post("/inbox/login", inbox_login.login)

@@ -296,7 +296,9 @@ def origin_allowed(request: web.Request, public_url: str) -> bool:
 
 
 FORM_TYPE = "application/x-www-form-urlencoded"
-MAX_FORM_FIELDS = 100  # the inbox's forms have a handful
+# The largest inbox form: a batch of 200 ids (inbox_batch.MAX_BATCH), or a remember form's
+# widening of up to 64 arguments; with room to count a batch that is too large and say by how much.
+MAX_FORM_FIELDS = 410
 
 
 def _form_refused(status: type[web.HTTPException], message: str) -> web.HTTPException:

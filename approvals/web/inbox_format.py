@@ -52,6 +52,16 @@ def arguments(approval: Approval) -> Any:
         return approval.arguments_json
 
 
+def release_arguments(approval: Approval) -> Any:
+    """The arguments a release sends: a reviewer's edit when there is one, else as received."""
+    if approval.edited_json is None:
+        return arguments(approval)
+    try:
+        return json.loads(approval.edited_json)
+    except (ValueError, RecursionError):
+        return approval.edited_json
+
+
 def pretty_json(value: Any) -> str:
     """Indented JSON text, hidden characters escaped (`\\u202e`), so nothing is drawn invisibly."""
     return "".join(json_chunks(value, indent=2)).translate(_ESCAPES)

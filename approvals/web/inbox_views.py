@@ -1,9 +1,24 @@
 """The inbox's pages: the pending list and its live feed, the detail page and decisions.
 
 Every page but the login needs a session; every POST needs the session's CSRF token and an Origin
-of this gateway. Decisions go through `ApprovalQueue.decide` exactly as the JSON API's do, with
-channel "web", and its refusals become pages: 404 unknown, 403 the reviewer's own agent, 409
-already decided (naming who decided).
+of this gateway. Decisions go through the service's `decide_and_remember` exactly as the JSON
+API's do, with channel "web", and its refusals become pages with the API's statuses
+(`api.refusal_status`): 404 unknown, 403 not this reviewer's to decide (own agent, outside the
+rule's groups, wrong channel, an edit or grant the rule forbids), 400 an invalid edit or grant
+(the form shown again as typed), 409 already decided (naming who decided) or already counted.
+
+The detail page also shows why the call was held and how far its review has come, and offers,
+when the rule allows and the reviewer may decide:
+
+    POST …/approve  arguments=<JSON>           edit before approve
+    POST …/approve  remember=preview|confirm   approve and remember (fields: inbox_review_forms)
+    POST …/deny     remember=preview|confirm   deny and remember
+    GET  /inbox/approvals/{id}?remember=approve|deny|form&…   the same confirmation page, or the
+                                               page with the remember form filled in, as a link
+    GET  /inbox/approvals/{id}?edit=1          the page with the editor open
+    GET  /inbox/approvals/{id}?done=approved|denied|voted&grant=sg_…   the flash after a decision
+
+What the page shows is built in inbox_review; the forms are read in inbox_review_forms.
 """
 
 from __future__ import annotations
@@ -21,14 +36,18 @@ from multidict import MultiDict, MultiDictProxy
 from approvals.auth import TokenIndex
 from approvals.config import Settings
 from approvals.core import render
+from approvals.core.deciding import RememberRequest
 from approvals.core.model import Approval
 from approvals.core.ports import ApprovalStore
 from approvals.core.service import ApprovalService
 from approvals.errors import DecisionRefused
 from approvals.web import inbox_auth as auth
 from approvals.web import inbox_format as fmt
-from approvals.web.api import REFUSAL_STATUS
+from approvals.web import inbox_review
+from approvals.web import inbox_review_forms as forms
+from approvals.web.api import refusal_status
 from approvals.web.inbox_auth import InboxAuth, Session
+from approvals.web.inbox_review import Shown
 from approvals.web.inbox_viewed import ViewLog
 from approvals.web.live import Filters, LiveFeed
 
@@ -190,32 +209,6 @@ async def _pending(inbox: Inbox, filters: Filters) -> tuple[list[Approval], int]
     return found[:LIST_LIMIT], len(found)
 
 
-async def _pending_page(
-    request: web.Request, inbox: Inbox, session: Session, form: Form
-) -> web.StreamResponse:
-    filters = list_filters(request.query)
-    approvals, count = await _pending(inbox, filters)
-    now = inbox.now()
-    given = {"upstream": filters.upstream, "tool": filters.tool, "agent": filters.agent}
-    query = {k: v for k, v in given.items() if v}
-    return inbox.render(
-        request,
-        "pending.html",
-        items=[list_item(a, now) for a in approvals],
-        count=count,
-        count_text=f"{COUNT_LIMIT}+" if count > COUNT_LIMIT else str(count),
-        shown=len(approvals),
-        filters=filters,
-        upstreams=sorted(inbox.settings.upstreams),
-        agents=sorted(g.name for g in inbox.settings.grants),
-        tools=sorted({a.tool for a in approvals}),
-        live_url="/inbox/events" + (f"?{urlencode(query)}" if query else ""),
-    )
-
-
-pending_page = reviewer_only(_pending_page)
-
-
 async def _events(request: web.Request, inbox: Inbox, session: Session, form: Form) -> web.StreamResponse:
     filters = list_filters(request.query)
     if approval_id := request.query.get("id"):
@@ -247,9 +240,30 @@ events = reviewer_only(_events)
 async def _detail(request: web.Request, inbox: Inbox, session: Session, form: Form) -> web.StreamResponse:
     approval = await inbox.store.get_approval(request.match_info["id"])
     if approval is None:
-        return inbox.error(request, 404, "Not found", "There is no approval with this id.")
+        return _not_found(request, inbox)
     await inbox.views.note(approval, session.reviewer.name)
-    return await _detail_page(request, inbox, session, approval, done=request.query.get("done"))
+    query = request.query
+    step = query.get("remember", "")
+    if step in ("approve", "deny", "form"):  # a link to the remember form or its confirmation page
+        typed = forms.read_form(query, "deny" if step == "deny" else "allow", *_remembered(approval))
+        if step == "form":
+            return await _detail_page(request, inbox, session, approval, remember=typed)
+        page = await _remember_step(request, inbox, session, approval, typed, "preview")
+        assert isinstance(page, web.Response)  # only "confirm" gives back the grant to save
+        return page
+    return await _detail_page(
+        request,
+        inbox,
+        session,
+        approval,
+        done=query.get("done"),
+        grant_id=query.get("grant", ""),
+        edit_open=query.get("edit") == "1",
+    )
+
+
+def _not_found(request: web.Request, inbox: Inbox) -> web.Response:
+    return inbox.error(request, 404, "Not found", "There is no approval with this id.")
 
 
 async def detail_item(inbox: Inbox, approval: Approval) -> dict[str, Any]:
@@ -262,7 +276,14 @@ async def detail_item(inbox: Inbox, approval: Approval) -> dict[str, Any]:
         "args_note": fmt.args_note(approval.status),
         "result": fmt.result_view(approval),
         "timeline": fmt.timeline(events),
+        "progress": fmt.visible(inbox.service.review_state(approval).progress),
     }
+
+
+def _remembered(approval: Approval) -> tuple[dict[str, Any], str]:
+    """The arguments a decision now is about (after any edit), as an object, and their hash."""
+    args = fmt.release_arguments(approval)
+    return (args if isinstance(args, dict) else {}), approval.release_sha256
 
 
 async def _detail_page(
@@ -270,80 +291,131 @@ async def _detail_page(
     inbox: Inbox,
     session: Session,
     approval: Approval,
-    *,
     status: int = 200,
-    done: str | None = None,
-    error: str = "",
-    reason: str = "",
+    **shown: Any,
 ) -> web.Response:
+    """The detail page; `shown` are the fields of inbox_review.Shown (a flash, a form as typed)."""
     events = await inbox.store.audit_events(approval_id=approval.id, limit=1000)
     viewers: dict[str, float] = {}
     for event in events:
         if event.event == "viewed" and event.actor != session.reviewer.name:
             viewers[event.actor] = event.at
-    title, description, schema = fmt.tool_definition(approval)
-    args = fmt.arguments(approval)
+    context = await inbox_review.detail_context(inbox.service, approval, session.reviewer, Shown(**shown))
     return inbox.render(
         request,
         "detail.html",
         status,
         a=approval,
         item=await detail_item(inbox, approval),
-        arguments=args,
-        hidden=fmt.count_hidden(args),
-        tool_title=title,
-        description=description,
-        schema=fmt.pretty_json(schema) if schema is not None else "",
         viewers=sorted(viewers.items(), key=lambda kv: -kv[1]),
-        own_agent=approval.owner == session.reviewer.name,
-        done=_done(done, approval, session),
-        error=error,
-        reason=reason,
         max_reason=MAX_REASON,
         live_url=f"/inbox/events?{urlencode({'id': approval.id})}",
+        **context,
     )
-
-
-def _done(done: str | None, approval: Approval, session: Session) -> str:
-    """The flash after this reviewer's own decision ("approved" / "denied"), else ""."""
-    decision = "denied" if approval.status == "denied" else "approved"
-    mine = approval.decided_by == session.reviewer.name
-    return decision if mine and done in ("approved", "denied") and done == decision else ""
 
 
 async def _decide(
     request: web.Request, inbox: Inbox, session: Session, form: Form, approve: bool
 ) -> web.StreamResponse:
-    approval_id = request.match_info["id"]
+    approval = await inbox.store.get_approval(request.match_info["id"])
+    if approval is None:
+        return _not_found(request, inbox)
     reason = text_field(form, "reason")[:MAX_REASON] or None
-    if not approve and reason is None:
-        approval = await inbox.store.get_approval(approval_id)
-        if approval is None:
-            return inbox.error(request, 404, "Not found", "There is no approval with this id.")
+    edit = form.get("arguments") if approve else None
+    step = text_field(form, "remember")
+    arguments: dict[str, Any] | None = None
+    remember: RememberRequest | None = None
+    typed: forms.RememberForm | None = None
+    if isinstance(edit, str):  # edit before approve
+        parsed = forms.parse_edit(edit)
+        if isinstance(parsed, str):
+            return await _detail_page(request, inbox, session, approval, status=400, edit_text=edit,
+                                      edit_error=f"The arguments were not approved: {parsed}.")  # fmt: skip
+        arguments = parsed
+    elif step:  # approve (deny) and remember: the confirmation page first, then the grant
+        typed = forms.read_form(form, "allow" if approve else "deny", *_remembered(approval))
+        judged = await _remember_step(request, inbox, session, approval, typed, step)
+        if isinstance(judged, web.Response):
+            return judged
+        remember, reason = judged.request, typed.reason or None
+    elif not approve and reason is None:
         return await _detail_page(
             request, inbox, session, approval, status=400, error="Say why you deny it: the agent is told."
         )
     try:
-        decided = await inbox.service.decide(
-            approval_id, session.reviewer, approve=approve, reason=reason, channel="web"
-        )
+        decided, grant = await inbox.service.decide_and_remember(
+            approval.id, session.reviewer, approve=approve, reason=reason, channel="web",
+            arguments=arguments, remember=remember,
+            seen_sha256=(text_field(form, "seen_sha256") or None) if approve else None,
+        )  # fmt: skip
     except DecisionRefused as exc:
+        if refusal_status(exc) == 400 and isinstance(edit, str):
+            return await _detail_page(request, inbox, session, approval, status=400, edit_text=edit,
+                                      edit_error=f"The edit was refused: {exc}")  # fmt: skip
+        if refusal_status(exc) == 400 and typed is not None:
+            return await _detail_page(request, inbox, session, approval, status=400, remember=typed,
+                                      remember_error=f"Not remembered: {exc}")  # fmt: skip
         return _refusal(request, inbox, exc)
     log.info("inbox: %s %s approval %s", session.reviewer.name, decided.status, decided.id)
-    return redirect(f"/inbox/approvals/{decided.id}?done={decided.status}")
+    done = "denied" if not approve else "voted" if decided.status == "pending" else "approved"
+    query = {"done": done, **({"grant": grant.id} if grant is not None else {})}
+    return redirect(f"/inbox/approvals/{decided.id}?{urlencode(query)}")
+
+
+async def _remember_step(
+    request: web.Request,
+    inbox: Inbox,
+    session: Session,
+    approval: Approval,
+    typed: forms.RememberForm,
+    step: str,
+) -> web.Response | forms.Remember:
+    """The remember form judged: the page to answer with (an error, or the confirmation page when
+    `step` is not "confirm"), or the grant to save."""
+    args, sha = _remembered(approval)
+    refusal = inbox.service.refusal_for(approval, session.reviewer, "web")
+    if refusal is None and not inbox.service.review_state(approval).may_remember:
+        refusal = "this call's rule does not allow standing grants"
+    if approval.status != "pending" or refusal is not None:
+        # The service says the same on a POST; before one, the reviewer learns it at once.
+        status = 409 if approval.status != "pending" else 403
+        message = (
+            f"{refusal.rstrip('.')}."
+            if refusal
+            else f"This request is {approval.status}: nothing to remember."
+        )
+        return inbox.error(request, status, "Cannot remember this decision", message, approval_id=approval.id)
+    if typed.args_sha256 != sha:
+        message = "The arguments changed since this form was shown (a reviewer edited them). Look again."
+        return inbox.error(request, 409, "The arguments changed", message, approval_id=approval.id)
+    judged = forms.judge(typed, args)
+    if isinstance(judged, str):
+        return await _detail_page(request, inbox, session, approval, status=400, remember=typed,
+                                  remember_error=f"Not remembered yet: {judged}.")  # fmt: skip
+    if step == "confirm":
+        return judged
+    return inbox.render(
+        request,
+        "remember_confirm.html",
+        a=approval,
+        item=list_item(approval, inbox.now()),
+        **inbox_review.confirm_context(approval, judged, inbox.now()),
+    )
 
 
 def _refusal(request: web.Request, inbox: Inbox, exc: DecisionRefused) -> web.Response:
     approval = exc.approval
-    status = REFUSAL_STATUS[exc.kind]
+    status = refusal_status(exc)
     if status == 404:
-        return inbox.error(request, 404, "Not found", "There is no approval with this id.")
-    if status == 409 and approval is not None:
+        return _not_found(request, inbox)
+    if exc.kind in ("already_decided", "expired") and approval is not None:
         item = list_item(approval, inbox.now())
         via = render.channel_name(approval.decided_via)
         verb = render.decided(approval.status)
         return inbox.render(request, "conflict.html", 409, a=approval, item=item, via=via, verb=verb)
-    title = "Not yours to decide" if status == 403 else "Refused"
+    mine = exc.kind in ("own_agent", "not_reviewer", "not_eligible", "step_up")
+    titles = {"already_voted": "Already counted", "changed": "The arguments changed"}
+    title = "Not yours to decide" if mine else titles.get(exc.kind, "Refused")
     return inbox.error(request, status, title, str(exc), approval_id=approval.id if approval else None)
 
 

@@ -16,6 +16,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -35,6 +36,12 @@ class Filters:
     tool: str | None = None
     agent: str | None = None
     approval_id: str | None = None
+
+    def query(self) -> str:
+        """The list filters as a page's query string ("?tool=x&agent=y"; "" when none is set)."""
+        given = {"upstream": self.upstream, "tool": self.tool, "agent": self.agent}
+        present = {name: value for name, value in given.items() if value}
+        return f"?{urlencode(present)}" if present else ""
 
     def matches(self, approval: Approval) -> bool:
         return (
