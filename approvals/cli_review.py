@@ -1,7 +1,7 @@
 """The reviewer's commands against a running gateway's JSON API (`--url`, token from APPROVALS_TOKEN).
 
     approvals list [--status S]
-    approvals approve ID [ID …] [--reason R] [--arguments JSON | --arguments-file F]
+    approvals approve ID [ID …] [--reason R] [--arguments JSON | --arguments-file F] [--seen SHA256]
                      [--remember 1h [--max-uses N] [--constraint FIELD=OP:VALUE …]]
     approvals deny ID [ID …] --reason R [--remember 8h [--max-uses N] [--constraint …]]
     approvals standing list [--all] [--agent NAME] | show ID | revoke ID | export ID
@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -148,6 +149,13 @@ def add_parsers(commands: Any) -> None:
         help="approve the call with these arguments (one id)",
     )
     edit.add_argument("--arguments-file", type=Path, metavar="FILE", help="the same, read from a file")
+    approve.add_argument(
+        "--seen",
+        type=_sha256,
+        metavar="SHA256",
+        help="the hash of the arguments you checked (release_sha256): needed to approve a call another"
+        " reviewer edited, which is refused otherwise with the hash to check (one id)",
+    )
     deny = commands.add_parser("deny", help="deny pending calls; the reason reaches the agent")
     deny.add_argument("ids", nargs="+", metavar="ID", help="an approval id, or its first characters")
     deny.add_argument("--reason", required=True, help="why (the agent is told)")
@@ -208,6 +216,12 @@ def run(args: argparse.Namespace) -> None:
         review_client.fail(str(exc), exc.exit_status)
 
 
+def _sha256(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise argparse.ArgumentTypeError(f"must be 64 hex digits (a release_sha256), not {text!r}")
+    return text
+
+
 def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
     args.usage_error(message)  # argparse's: usage, the message, exit 2
     raise AssertionError("unreachable")
@@ -217,6 +231,10 @@ def _decision_options(args: argparse.Namespace) -> dict[str, Any]:
     """`arguments` and `remember` of the request, checked against each other and the ids."""
     several = len(args.ids) > 1
     out: dict[str, Any] = {}
+    if getattr(args, "seen", None) is not None:
+        if several:
+            _usage_error(args, f"--seen goes with one id (got {len(args.ids)})")
+        out["seen_sha256"] = args.seen
     arguments_file = getattr(args, "arguments_file", None)
     if getattr(args, "arguments", None) is not None or arguments_file is not None:
         option = "--arguments" if arguments_file is None else "--arguments-file"

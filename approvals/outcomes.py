@@ -14,7 +14,7 @@ import math
 
 from approvals.core import render
 from approvals.core.model import Approval
-from approvals.core.review import ReviewRule, progress, valid_votes, votes_from_json
+from approvals.core.review import progress, review_of, valid_votes, votes_from_json
 from approvals.core.standing import StandingGrant
 from approvals.core.why import diff_arguments
 from approvals.jsonrpc import JsonObject, tool_error
@@ -89,7 +89,7 @@ def review_progress(approval: Approval) -> str:
     """ "1 of 2 approvals, waiting for someone in security" for a pending quorum, else ""."""
     if approval.status != "pending":
         return ""
-    rule = ReviewRule.from_json(approval.review_json)
+    rule = review_of(approval)
     votes = valid_votes(votes_from_json(approval.votes_json), approval.release_sha256)
     return progress(rule, votes, approval.escalated)
 

@@ -107,7 +107,10 @@ def render_table(approvals: list[dict[str, Any]], now: float) -> str:
         cells = (a["id"], a["status"], a["upstream"], a["tool"], a["grant"])
         # Untrusted text (tool names and arguments come from agents) could carry a right-to-left
         # override that makes `invoice_\u202egnp.exe` read `invoice_exe.png`: shown as markers.
-        summary = render.summary(a["arguments"], ARGUMENTS_WIDTH)
+        # What a release would send: a reviewer's edit, marked, when there is one.
+        edited = "edited_arguments" in a
+        shown = a["edited_arguments"] if edited else a["arguments"]
+        summary = ("(edited) " if edited else "") + render.summary(shown, ARGUMENTS_WIDTH)
         age = render.span(now - a["created_at"])
         rows.append((*map(render.visible, cells), age, expires, quorum_cell(a.get("review")), summary))
     return table(rows)
@@ -190,6 +193,7 @@ async def decide(
     *,
     arguments: dict[str, Any] | None = None,
     remember: dict[str, Any] | None = None,
+    seen_sha256: str | None = None,
 ) -> str:
     """Decide one approval; what to print (the outcome, the edit, the standing grant saved)."""
     verb = "approve" if approve else "deny"
@@ -200,6 +204,8 @@ async def decide(
         body["arguments"] = arguments
     if remember is not None:
         body["remember"] = remember
+    if seen_sha256 is not None:
+        body["seen_sha256"] = seen_sha256
     return outcome_text(await call(url, token, "POST", path, body), reason)
 
 

@@ -279,6 +279,9 @@ GETS = ["/api/approvals?status=pending&limit=5", "/api/approvals/{id}", "/api/au
 GETS += ["/inbox/events", "/inbox/history", "/inbox/history.csv", "/inbox/history.json", "/inbox/login"]
 GETS += ["/inbox/approvals/{id}", "/inbox/login/link?t=x", "/", "/healthz", "/metrics", "/static/inbox.css"]
 GETS += ["/mcp/nope", "/api/x", "/inbox/stats", "/inbox/stats?days=30", "/docs"]
+GETS += ["/inbox/pending/events", "/inbox/grants", "/inbox/grants/sg_x/export", "/api/standing-grants"]
+GETS += ["/api/standing-grants?active=1", "/api/standing-grants/sg_x", "/api/standing-grants/sg_x/policy"]
+GETS += ["/inbox/approvals/{id}?edit=1", "/inbox/approvals/{id}?remember=approve", "/inbox?tool=x&agent=y"]
 
 
 def mcp(ctx: Context, rng: random.Random) -> Req:
@@ -305,18 +308,36 @@ def get(ctx: Context, rng: random.Random) -> Req:
 
 def decide(ctx: Context, rng: random.Random) -> Req:
     path = f"/api/approvals/{{id}}/{rng.choice(['approve', 'deny'])}"
+    doc: dict[str, Any] = {"reason": "fuzz"}
+    extras: list[dict[str, Any]] = [  # the review workflows' fields: an edit, a grant, a stale view
+        {"arguments": {"x": 1}},
+        {"remember": {"for": "1h", "max_uses": 2}},
+        {"seen_sha256": "0" * 64},
+    ]
+    if rng.random() < 0.5:
+        doc |= rng.choice(extras)
+    if rng.random() < 0.2:  # several ids at once
+        path = f"/api/approvals/{rng.choice(['approve', 'deny'])}"
+        doc = {"ids": [ctx.approval, "x"], "reason": "fuzz"}
+    if rng.random() < 0.1:
+        path, doc = "/api/standing-grants/sg_x/revoke", {}
     headers = [(b"Authorization", f"Bearer {ALICE}".encode()), (b"Content-Type", b"application/json")]
-    return http(ctx, f"POST {path}", path.replace("{id}", ctx.approval), headers, {"reason": "fuzz"})
+    return http(ctx, f"POST {path.split('/{')[0]}", path.replace("{id}", ctx.approval), headers, doc)
 
 
 def form(ctx: Context, rng: random.Random) -> Req:
     path = rng.choice(["/inbox/login", "/inbox/login/link", "/inbox/approvals/{id}/approve"])
-    path = rng.choice([path, "/inbox/approvals/{id}/deny", "/inbox/logout"])
+    path = rng.choice([path, "/inbox/approvals/{id}/deny", "/inbox/logout", "/inbox/batch"])
+    path = rng.choice([path, path, "/inbox/grants/sg_x/revoke"])
     if path.startswith("/inbox/login"):
         doc = {"csrf": ctx.login_csrf, "token": rng.choice([ALICE, GRANT, "wrong"]), "link": "x.y"}
         headers = form_headers(ctx.login, ctx.origin)
     else:  # a logout with the right token would end the session every inbox request uses
         doc = {"csrf": ctx.csrf if path != "/inbox/logout" else "wrong", "reason": "fuzz"}
+        if rng.random() < 0.5:  # a batch, an edit, a remember step: what the review forms carry
+            extra = [{"ids": ctx.approval, "action": "approve"}, {"arguments": '{"x": 1}'}]
+            extra.append({"remember": "preview", "remember_for": "3600", "c0_op": "prefix"})
+            doc |= rng.choice(extra)
         headers = form_headers(ctx.inbox, ctx.origin)
     return http(ctx, f"POST {path}", path.replace("{id}", ctx.approval), headers, doc, form=True)
 

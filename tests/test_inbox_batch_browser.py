@@ -15,10 +15,10 @@ from playwright.async_api import Browser, expect
 
 from tests.approvals_kit import Held, start_held
 from tests.conftest import BOB_TOKEN, StartGateway
-from tests.test_inbox_batch import POLICY, REVIEWERS, hold, list_routes, status
+from tests.test_inbox_batch import POLICY, REVIEWERS, hold, status
 from tests.test_inbox_browser import browser, watch
 
-__all__ = ["browser", "list_routes"]  # fixtures shared with the modules they come from
+__all__ = ["browser"]  # fixtures shared with the modules they come from
 
 
 @pytest.fixture

@@ -220,7 +220,7 @@ async def test_request_is_posted_with_its_details_and_buttons(
         assert (approve["action_id"], approve["style"], approve["value"]) == (
             blocks.ACTION_APPROVE,
             "primary",
-            pending.id,
+            f"{pending.id}:{pending.release_sha256}",  # the arguments the message shows
         )
         assert (deny["action_id"], deny["style"], deny["value"]) == (blocks.ACTION_DENY, "danger", pending.id)
     assert fake.of("auth.test") == []  # authorize= gives bolt the token without asking Slack
@@ -776,7 +776,7 @@ def test_any_message_stays_within_block_kit_limits(
         for element in block.get("elements", []):
             if element.get("type") == "button":
                 assert blocks.text_length(element["text"]["text"]) <= 75
-                assert element["value"] == approval.id
+                assert element["value"].partition(":")[0] == approval.id
     [arguments_text] = [t for t in texts(message.blocks) if t.startswith("*Arguments*")]
     assert arguments_text.count("```") == 2
     if blocks.text_length(blocks.escape(json.dumps({"text": arguments}, indent=2))) > 2900:

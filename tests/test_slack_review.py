@@ -228,7 +228,8 @@ async def test_approve_and_remember_saves_an_exact_grant_that_lets_the_next_call
             b["accessory"] for b in post.params["blocks"] if b.get("block_id") == "approvals_remember"
         ]
         values = [o["value"] for o in select["options"]]
-        assert values == [f"{pending.id}:3600", f"{pending.id}:28800", f"{pending.id}:86400"]
+        shown = f"{pending.id}:{pending.release_sha256}"
+        assert values == [f"{shown}:3600", f"{shown}:28800", f"{shown}:86400"]
         assert "To widen the constraints, use the inbox." in everything(post)
         [edit] = [b["accessory"] for b in post.params["blocks"] if b.get("accessory", {}).get("url")]
         assert (edit["action_id"], edit["url"]) == (

@@ -314,8 +314,9 @@ def outcome_text(approval: Approval, *, approved: str = "Approved", also: str = 
 
 
 def decision_buttons(approval: Approval) -> Block:
-    # The value is only the id: everything else is read from the store when the click comes, so a
-    # tampered or stale message can never change what is decided.
+    # The values name the approval (and Approve the hash of the arguments the message shows):
+    # everything else is read from the store when the click comes, so a tampered or stale message
+    # can never change what is decided — a click on a message older than an edit is refused.
     return {
         "type": "actions",
         "block_id": "approvals_decide",

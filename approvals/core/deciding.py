@@ -17,65 +17,54 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from approvals.arg_schema import SchemaCache
 from approvals.config import Principal
 from approvals.core import render
-from approvals.core.model import Approval, Status, canonical_json, sha256_of
+from approvals.core.editing import Judge, check_edit, check_seen, edit_detail
+from approvals.core.model import Approval, Status
 from approvals.core.ports import ServiceStore
+from approvals.core.remembering import remembered_constraints
 from approvals.core.review import (
     ReviewRule,
     Vote,
     judge_decision,
     progress,
     quorum_met,
+    review_of,
     valid_votes,
     votes_from_json,
     votes_to_json,
 )
 from approvals.core.standing import (
+    MAX_USES_LIMIT,
+    REMEMBER_CHOICES,
+    REMEMBER_MAX_SECONDS,
+    REMEMBER_MIN_SECONDS,
     Constraint,
+    RememberRequest,
     StandingGrant,
-    constraints_to_json,
-    exact_constraints,
-    new_standing_id,
 )
-from approvals.core.why import diff_arguments
-from approvals.errors import DecisionRefused, RefusalKind
+from approvals.errors import DecisionRefused, RefusalKind, StoreError
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from approvals.policy import Decision
+    pass
 
-__all__ = ["REMEMBER_CHOICES", "Deciding", "RememberRequest", "ReviewState", "review_of"]
-
-# What a reviewer may choose for a standing grant's life (the inbox and Slack offer these; the API
-# and CLI accept any duration from a minute to a week).
-REMEMBER_CHOICES: tuple[tuple[str, float], ...] = (
-    ("1 hour", 3600.0),
-    ("8 hours", 28800.0),
-    ("24 hours", 86400.0),
-)
-REMEMBER_MIN_SECONDS = 60.0
-REMEMBER_MAX_SECONDS = 7 * 86400.0
-MAX_USES_LIMIT = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class RememberRequest:
-    """ "Approve (or deny) and remember": for how long, how many uses, and which later calls.
-
-    ``constraints`` None means the approved call's arguments exactly (after any edit).
-    """
-
-    seconds: float
-    max_uses: int | None = None
-    constraints: tuple[Constraint, ...] | None = None
+# Re-exported: the channels build RememberRequests and read where a review stands from here.
+__all__ = [
+    "MAX_USES_LIMIT",
+    "REMEMBER_CHOICES",
+    "REMEMBER_MAX_SECONDS",
+    "REMEMBER_MIN_SECONDS",
+    "Deciding",
+    "RememberRequest",
+    "ReviewState",
+    "review_of",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,24 +83,7 @@ class ReviewState:
 # record between its read and its write. Each retry sees the other step, so this is contention, not
 # correctness; past it the reviewer is told to try again.
 MAX_STEP_RETRIES = 32
-MAX_EDIT_BYTES = 256 * 1024
 _PENDING: tuple[Status, ...] = ("pending",)
-_schemas = SchemaCache()  # the tool definitions approvals were held under, compiled once each
-
-
-# What a review rule that cannot be read amounts to: nobody is in this group (a group name has no
-# parentheses), so nobody may decide the call, nothing is remembered and nothing edited.
-UNREADABLE_REVIEW = ReviewRule(reviewers=("(unreadable review rule)",), remember=False, edit=False)
-
-
-def review_of(approval: Approval) -> ReviewRule:
-    """The review rule kept with the approval. One that cannot be read fails closed (see
-    UNREADABLE_REVIEW): the request stays visible and undecidable until it expires."""
-    try:
-        return ReviewRule.from_json(approval.review_json)
-    except (ValueError, TypeError, KeyError, AttributeError):
-        log.error("approval %s has an unreadable review rule; nobody may decide it", approval.id)
-        return UNREADABLE_REVIEW
 
 
 class Deciding:
@@ -120,7 +92,7 @@ class Deciding:
     store: ServiceStore
     clock: Callable[[], float]
     owner: str
-    _judge: Callable[[str, str, Mapping[str, object]], Decision] | None
+    _judge: Judge | None
 
     if TYPE_CHECKING:  # provided by ApprovalService
 
@@ -143,6 +115,17 @@ class Deciding:
         async def _time_out(self, approval: Approval) -> None: ...
 
         def _approved_lease(self, now: float) -> dict[str, Any]: ...
+
+        async def _save_grant(
+            self,
+            decided: Approval,
+            reviewer: Principal,
+            channel: str,
+            approve: bool,
+            reason: str | None,
+            remember: RememberRequest,
+            constraints: tuple[Constraint, ...],
+        ) -> StandingGrant: ...
 
     # ---- reading where a review stands ----------------------------------------------------
 
@@ -192,13 +175,7 @@ class Deciding:
     ) -> tuple[Approval, StandingGrant | None]:
         for _ in range(MAX_STEP_RETRIES):
             approval = await self._pending(approval_id, reviewer)
-            if seen_sha256 is not None and seen_sha256 != approval.release_sha256:
-                raise DecisionRefused(
-                    "changed",
-                    f"{render.visible(approval.edited_by or 'a reviewer')} changed this call's arguments "
-                    "after you looked: look at the call again before deciding",
-                    approval,
-                )
+            check_seen(approval, reviewer, seen_sha256, approve and arguments is None)
             rule = review_of(approval)
             # Who and through which channel first: a reviewer who may not decide learns that, not
             # what is wrong with an edit they may not make.
@@ -208,7 +185,7 @@ class Deciding:
             )  # fmt: skip
             if who is not None:
                 raise DecisionRefused(who.kind, who.message, approval)
-            edit = self._edit(approval, rule, arguments, approve)
+            edit = check_edit(approval, rule, arguments, approve, self._judge)
             released_sha = edit[1] if edit is not None else approval.release_sha256
             votes = valid_votes(votes_from_json(approval.votes_json), released_sha)
             refused = judge_decision(
@@ -223,7 +200,9 @@ class Deciding:
             if refused is not None:
                 raise DecisionRefused(refused.kind, refused.message, approval)
             released_args = json.loads(edit[0]) if edit is not None else approval.release_arguments
-            constraints = _remembered(approval, rule, remember, released_args) if remember else None
+            constraints = (
+                remembered_constraints(approval, rule, remember, released_args) if remember else None
+            )
             decided = await (
                 self._approve(approval, rule, reviewer, channel, reason, votes, edit)
                 if approve
@@ -233,9 +212,15 @@ class Deciding:
                 continue  # another step moved the record first: read it again and judge anew
             grant = None
             if remember is not None and constraints is not None:
-                grant = await self._save_grant(
-                    decided, reviewer, channel, approve, reason, remember, constraints
-                )
+                try:
+                    grant = await self._save_grant(
+                        decided, reviewer, channel, approve, reason, remember, constraints
+                    )
+                except StoreError:
+                    # The decision stands (it is recorded and may be released already); only the
+                    # grant is missing, which every channel shows by naming none. Fail closed:
+                    # later calls are asked about again.
+                    log.exception("approval %s decided, but its standing grant was not saved", decided.id)
             return decided, grant
         raise DecisionRefused(
             "already_decided", "the request changed too often while deciding; look again and retry"
@@ -249,13 +234,17 @@ class Deciding:
         approve: bool,
         reason: str | None,
         channel: str,
+        seen: Mapping[str, str] | None = None,
     ) -> list[tuple[str, Approval | DecisionRefused]]:
+        """Each id decided on its own, in order. ``seen``: the arguments' hash each was shown with;
+        an edited request without one is refused ("changed"), not approved blind."""
         outcomes: list[tuple[str, Approval | DecisionRefused]] = []
         for approval_id in approval_ids:
             try:
                 decided, _ = await self.decide_and_remember(
-                    approval_id, reviewer, approve=approve, reason=reason, channel=channel
-                )
+                    approval_id, reviewer, approve=approve, reason=reason, channel=channel,
+                    seen_sha256=(seen or {}).get(approval_id),
+                )  # fmt: skip
             except DecisionRefused as exc:
                 outcomes.append((approval_id, exc))
             else:
@@ -310,8 +299,11 @@ class Deciding:
         )  # fmt: skip
         if moved is None:
             return None
-        if edit is not None:
-            await self._audit_edit(approval, moved, reviewer, channel)
+        if edit is not None:  # both versions in the audit log: the hashes and what changed
+            await self.store.append_audit(
+                moved.id, "edited", actor=reviewer.name, channel=channel,
+                args_sha256=moved.release_sha256, detail=edit_detail(approval, moved),
+            )  # fmt: skip
         if complete:
             self._start_release(moved)
         return moved
@@ -333,135 +325,3 @@ class Deciding:
         if moved is not None:
             await self._settle(moved)
         return moved
-
-    # ---- edits ----------------------------------------------------------------------------
-
-    def _edit(
-        self, approval: Approval, rule: ReviewRule, arguments: Mapping[str, object] | None, approve: bool
-    ) -> tuple[str, str] | None:
-        """The edited arguments (JSON text, sha256), None when nothing changes; refusals raised."""
-        if arguments is None:
-            return None
-        if not approve:
-            raise DecisionRefused("edit_refused", "only an approval can change the arguments", approval)
-        if not rule.edit:
-            raise DecisionRefused(
-                "edit_refused",
-                "this call's rule does not allow changing its arguments (edit: false)",
-                approval,
-            )
-        if not isinstance(arguments, Mapping):
-            raise DecisionRefused("edit_refused", "arguments: must be a JSON object", approval)
-        text = json.dumps(dict(arguments))  # ASCII, as arguments_json
-        if len(text) > MAX_EDIT_BYTES:
-            raise DecisionRefused("edit_refused", f"arguments: larger than {MAX_EDIT_BYTES} bytes", approval)
-        sha = sha256_of(arguments)
-        if sha == approval.release_sha256:
-            return None  # the same call: an approval, not an edit
-        definition = approval.tool_definition or {}
-        problem = _schemas.compile(definition.get("inputSchema")).problem(arguments)
-        if problem is not None:
-            raise DecisionRefused(
-                "edit_refused",
-                f"{problem.path}: {problem.message} (the tool's inputSchema)",
-                approval,
-            )
-        if self._judge is None:  # nothing to judge the edit with: never release an unjudged call
-            raise DecisionRefused("edit_refused", "this gateway cannot judge edited calls", approval)
-        verdict = self._judge(approval.upstream, approval.tool, arguments)
-        if verdict.action == "deny":
-            raise DecisionRefused(
-                "edit_refused",
-                f"the policy denies the edited call: {verdict.reason or verdict.explanation}",
-                approval,
-            )
-        return text, sha
-
-    async def _audit_edit(self, before: Approval, after: Approval, reviewer: Principal, channel: str) -> None:
-        """Both versions in the audit log: the hashes, and what changed (paths and values)."""
-        changes = diff_arguments(before.release_arguments, after.release_arguments)
-        detail = canonical_json(
-            {
-                "from_sha256": before.release_sha256,
-                "to_sha256": after.release_sha256,
-                "changes": [{"path": c.path, "before": c.before, "after": c.after} for c in changes],
-            }
-        )
-        await self.store.append_audit(
-            after.id, "edited", actor=reviewer.name, channel=channel,
-            args_sha256=after.release_sha256, detail=detail,
-        )  # fmt: skip
-
-    # ---- remembering ----------------------------------------------------------------------
-
-    async def _save_grant(
-        self,
-        decided: Approval,
-        reviewer: Principal,
-        channel: str,
-        approve: bool,
-        reason: str | None,
-        remember: RememberRequest,
-        constraints: tuple[Constraint, ...],
-    ) -> StandingGrant:
-        now = self.clock()
-        grant = StandingGrant(
-            id=new_standing_id(),
-            effect="allow" if approve else "deny",
-            upstream=decided.upstream,
-            tool=decided.tool,
-            grant=decided.grant,
-            constraints_json=constraints_to_json(constraints),
-            rule=decided.rule,
-            reason=reason,
-            created_by=reviewer.name,
-            created_via=channel,
-            created_at=now,
-            expires_at=now + remember.seconds,
-            max_uses=remember.max_uses,
-            source_approval=decided.id,
-        )
-        await self.store.create_standing(grant, actor=reviewer.name, channel=channel)
-        return grant
-
-
-def _remembered(
-    approval: Approval, rule: ReviewRule, remember: RememberRequest, arguments: Mapping[str, object]
-) -> tuple[Constraint, ...]:
-    """The constraints of the standing grant asked for, checked before anything is decided."""
-    if not rule.may_remember:
-        why = "remember: false" if not rule.remember else f"a quorum of {rule.quorum}"
-        raise DecisionRefused(
-            "remember_refused", f"this call's rule does not allow standing grants ({why})", approval
-        )
-    if not (
-        math.isfinite(remember.seconds) and REMEMBER_MIN_SECONDS <= remember.seconds <= REMEMBER_MAX_SECONDS
-    ):
-        raise DecisionRefused(
-            "remember_refused",
-            f"remember.for: must be from {render.duration(REMEMBER_MIN_SECONDS)} to "
-            f"{render.duration(REMEMBER_MAX_SECONDS)}",
-            approval,
-        )
-    if remember.max_uses is not None and not 1 <= remember.max_uses <= MAX_USES_LIMIT:
-        raise DecisionRefused(
-            "remember_refused", f"remember.max_uses: must be from 1 to {MAX_USES_LIMIT}", approval
-        )
-    constraints = remember.constraints if remember.constraints is not None else exact_constraints(arguments)
-    named = {c.field for c in constraints}
-    for name in arguments:
-        if name not in named:
-            raise DecisionRefused(
-                "remember_refused",
-                f"remember.constraints: argument {name!r} of this call is not constrained"
-                ' (use {"op": "any"} to accept any value)',
-                approval,
-            )
-    for i, constraint in enumerate(constraints):
-        if not constraint.holds(arguments):
-            raise DecisionRefused(
-                "remember_refused",
-                f"remember.constraints[{i}]: {constraint.describe()} does not hold for this call",
-                approval,
-            )
-    return constraints

@@ -246,6 +246,10 @@ class Releasing:
             decided_by=None,
             decided_via=None,
             votes_json="",  # approvals given under the old definition do not count for the new one
+            # nor does an edit checked against it: reviewers see the call as asked again
+            edited_json=None,
+            edited_sha256=None,
+            edited_by=None,
         )
         if back is not None:
             log.warning("approval %s back to pending: %s", approval.id, note)

@@ -10,13 +10,26 @@ call). A grant only ever applies while the rule the call falls under still allow
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
-from approvals.config import Principal
-from approvals.core.model import Admission, ToolCall
+from approvals.config import Principal, Settings
+from approvals.core import render
+from approvals.core.model import Admission, Approval, ToolCall
 from approvals.core.ports import Counters, ServiceStore
-from approvals.core.standing import StandingGrant
+from approvals.core.review import VIA_OF_CHANNEL, ReviewRule, eligible_groups
+from approvals.core.standing import (
+    MAX_USES_LIMIT,
+    REMEMBER_MAX_SECONDS,
+    REMEMBER_MIN_SECONDS,
+    Constraint,
+    RememberRequest,
+    StandingGrant,
+    constraints_to_json,
+    exact_constraints,
+    new_standing_id,
+)
 from approvals.errors import DecisionRefused
 from approvals.jsonrpc import JsonObject
 from approvals.limits import LimitRefusal, Reservation
@@ -25,10 +38,11 @@ from approvals.outcomes import META_KEY, limit_refusal, standing_denial
 if TYPE_CHECKING:
     from approvals.policy import Decision
 
-__all__ = ["Remembering"]
+__all__ = ["Remembering", "remembered_constraints"]
 
 
 class Remembering:
+    settings: Settings
     store: ServiceStore
     clock: Callable[[], float]
     _counters: Counters
@@ -40,7 +54,7 @@ class Remembering:
         if not decision.review.may_remember:
             return None
         for grant in await self.store.standing_for(call.upstream, call.tool, call.grant, now):
-            if not grant.matches(call.arguments):
+            if not grant.matches(call.arguments) or not self._still_stands(grant, call, decision):
                 continue
             if grant.effect == "deny":
                 used = await self._use(grant, call, args_sha, now)
@@ -59,6 +73,26 @@ class Remembering:
             return Admission(on_result=self._rollback_on_error(reserved), meta={META_KEY: _meta(used)})
         return None
 
+    def _still_stands(self, grant: StandingGrant, call: ToolCall, decision: Decision) -> bool:
+        """Whether the grant's maker could still take this decision under the policy and config as
+        they are now: the same rule, a channel its ``via`` accepts, a group it names, and not the
+        agent's owner. A policy or config made stricter takes effect on grants at once."""
+        review = decision.review
+        if grant.rule != decision.rule:
+            return False
+        if review.via and VIA_OF_CHANNEL.get(grant.created_via) not in review.via:
+            return False
+        maker = next((r for r in self.settings.reviewers if r.name == grant.created_by), None)
+        owner = next((g.owner for g in self.settings.grants if g.name == call.grant), None)
+        if owner is not None and owner == grant.created_by:
+            return False
+        allowed = eligible_groups(review, 0)
+        if allowed is None:
+            # Any reviewer may decide; the maker must still be one (or the development reviewer
+            # `approvals serve` makes when the config has no [[reviewers]]).
+            return maker is not None or not self.settings.reviewers
+        return maker is not None and bool(allowed & set(maker.groups))
+
     async def _use(
         self, grant: StandingGrant, call: ToolCall, args_sha: str, now: float
     ) -> StandingGrant | None:
@@ -74,6 +108,36 @@ class Remembering:
                 await counters.rollback(reservation)
 
         return settle
+
+    async def _save_grant(
+        self,
+        decided: Approval,
+        reviewer: Principal,
+        channel: str,
+        approve: bool,
+        reason: str | None,
+        remember: RememberRequest,
+        constraints: tuple[Constraint, ...],
+    ) -> StandingGrant:
+        now = self.clock()
+        grant = StandingGrant(
+            id=new_standing_id(),
+            effect="allow" if approve else "deny",
+            upstream=decided.upstream,
+            tool=decided.tool,
+            grant=decided.grant,
+            constraints_json=constraints_to_json(constraints),
+            rule=decided.rule,
+            reason=reason,
+            created_by=reviewer.name,
+            created_via=channel,
+            created_at=now,
+            expires_at=now + remember.seconds,
+            max_uses=remember.max_uses,
+            source_approval=decided.id,
+        )
+        await self.store.create_standing(grant, actor=reviewer.name, channel=channel)
+        return grant
 
     # ---- reading and revoking -------------------------------------------------------------
 
@@ -112,3 +176,45 @@ def _meta(grant: StandingGrant) -> JsonObject:
         "max_uses": grant.max_uses,
         "expires_at": grant.expires_at,
     }
+
+
+def remembered_constraints(
+    approval: Approval, rule: ReviewRule, remember: RememberRequest, arguments: Mapping[str, object]
+) -> tuple[Constraint, ...]:
+    """The constraints of the standing grant asked for, checked before anything is decided."""
+    if not rule.may_remember:
+        why = "remember: false" if not rule.remember else f"a quorum of {rule.quorum}"
+        raise DecisionRefused(
+            "remember_refused", f"this call's rule does not allow standing grants ({why})", approval
+        )
+    if not (
+        math.isfinite(remember.seconds) and REMEMBER_MIN_SECONDS <= remember.seconds <= REMEMBER_MAX_SECONDS
+    ):
+        raise DecisionRefused(
+            "remember_refused",
+            f"remember.for: must be from {render.duration(REMEMBER_MIN_SECONDS)} to "
+            f"{render.duration(REMEMBER_MAX_SECONDS)}",
+            approval,
+        )
+    if remember.max_uses is not None and not 1 <= remember.max_uses <= MAX_USES_LIMIT:
+        raise DecisionRefused(
+            "remember_refused", f"remember.max_uses: must be from 1 to {MAX_USES_LIMIT}", approval
+        )
+    constraints = remember.constraints if remember.constraints is not None else exact_constraints(arguments)
+    named = {c.field for c in constraints}
+    for name in arguments:
+        if name not in named:
+            raise DecisionRefused(
+                "remember_refused",
+                f"remember.constraints: argument {name!r} of this call is not constrained"
+                ' (use {"op": "any"} to accept any value)',
+                approval,
+            )
+    for i, constraint in enumerate(constraints):
+        if not constraint.holds(arguments):
+            raise DecisionRefused(
+                "remember_refused",
+                f"remember.constraints[{i}]: {constraint.describe()} does not hold for this call",
+                approval,
+            )
+    return constraints

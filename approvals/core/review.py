@@ -21,14 +21,22 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+if TYPE_CHECKING:
+    from approvals.core.model import Approval
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CHANNEL_OF_VIA",
     "DEFAULT_REVIEW",
+    "UNREADABLE_REVIEW",
     "VIA_NAMES",
+    "VIA_OF_CHANNEL",
     "Escalation",
     "OnTimeout",
     "Refusal",
@@ -38,6 +46,7 @@ __all__ = [
     "judge_decision",
     "progress",
     "quorum_met",
+    "review_of",
     "valid_votes",
     "votes_from_json",
     "votes_to_json",
@@ -49,7 +58,8 @@ OnTimeout: TypeAlias = Literal["expire", "deny"]
 # The CLI decides through the API, so it is "api" too.
 CHANNEL_OF_VIA: Mapping[str, str] = {"inbox": "web", "slack": "slack", "api": "api"}
 VIA_NAMES: tuple[str, ...] = tuple(CHANNEL_OF_VIA)
-_VIA_OF_CHANNEL = {channel: via for via, channel in CHANNEL_OF_VIA.items()}
+VIA_OF_CHANNEL: Mapping[str, str] = {channel: via for via, channel in CHANNEL_OF_VIA.items()}
+_VIA_WORDS = {"inbox": "the inbox", "slack": "Slack", "api": "the API"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,17 +191,24 @@ def eligible_groups(rule: ReviewRule, escalated: int) -> frozenset[str] | None:
 
 
 def _covers(rule: ReviewRule, votes: Sequence[Vote]) -> bool:
-    """Whether distinct votes can be matched one to each ``from`` group (a reviewer in two
-    groups fills one of them)."""
+    """Whether distinct votes can be matched one to each ``from`` group (a reviewer in two groups
+    fills one of them): a bipartite matching, found by augmenting paths — polynomial, where trying
+    every assignment would not be for a quorum of 20."""
     groups = rule.from_groups
-    if not groups:
-        return True
     if len(votes) < len(groups):
         return False
-    for chosen in itertools.permutations(votes, len(groups)):
-        if all(group in vote.groups for vote, group in zip(chosen, groups, strict=True)):
-            return True
-    return False
+    taken: dict[int, str] = {}  # vote index → the group it fills
+
+    def place(group: str, seen: set[int]) -> bool:
+        for i, vote in enumerate(votes):
+            if group in vote.groups and i not in seen:
+                seen.add(i)
+                if i not in taken or place(taken[i], seen):
+                    taken[i] = group
+                    return True
+        return False
+
+    return all(place(group, set()) for group in groups)
 
 
 def quorum_met(rule: ReviewRule, votes: Sequence[Vote]) -> bool:
@@ -234,9 +251,8 @@ def judge_decision(
     ``votes`` are the valid ones (for the arguments as they stand). The agent's owner is refused
     before this is asked (service.decide).
     """
-    if rule.via and _VIA_OF_CHANNEL.get(channel) not in rule.via:
-        where = " or ".join("the inbox" if v == "inbox" else f"the {v.upper() if v == 'api' else v.title()}"
-                            for v in rule.via)  # fmt: skip
+    if rule.via and VIA_OF_CHANNEL.get(channel) not in rule.via:
+        where = " or ".join(_VIA_WORDS.get(v, v) for v in rule.via)
         return Refusal("step_up", f"this call's rule accepts decisions only through {where}")
     mine = frozenset(groups)
     allowed = eligible_groups(rule, escalated)
@@ -273,3 +289,18 @@ def _group_list(groups: Sequence[str]) -> str:
     if len(groups) <= 1:
         return "".join(groups)
     return ", ".join(groups[:-1]) + " or " + groups[-1]
+
+
+# What a review rule that cannot be read amounts to: nobody is in this group (a group name has no
+# parentheses), so nobody may decide the call, nothing is remembered and nothing edited.
+UNREADABLE_REVIEW = ReviewRule(reviewers=("(unreadable review rule)",), remember=False, edit=False)
+
+
+def review_of(approval: Approval) -> ReviewRule:
+    """The review rule kept with the approval. One that cannot be read fails closed (see
+    UNREADABLE_REVIEW): the request stays visible and undecidable until it expires."""
+    try:
+        return ReviewRule.from_json(approval.review_json)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        log.error("approval %s has an unreadable review rule; nobody may decide it", approval.id)
+        return UNREADABLE_REVIEW

@@ -35,6 +35,7 @@ from typing import Any
 from approvals.config import Principal, Settings
 from approvals.core import render
 from approvals.core.deciding import Deciding, RememberRequest, review_of
+from approvals.core.editing import Judge
 from approvals.core.holds import ApprovalHold
 from approvals.core.leases import LIVE_OWNERS
 from approvals.core.model import (
@@ -75,9 +76,6 @@ _FOREVER = frozenset({"approval-expiry", "approval-housekeeping"})  # tasks that
 _PENDING: tuple[Status, ...] = ("pending",)
 _APPROVED: tuple[Status, ...] = ("approved",)
 LimitsFor = Callable[[str, str, Mapping[str, object]], Sequence[Limit]]
-Judge = Callable[
-    [str, str, Mapping[str, object]], Decision
-]  # (upstream, tool, arguments) → the policy's verdict
 
 
 class ApprovalService(Deciding, Remembering, Releasing):

@@ -33,9 +33,14 @@ from approvals.core.model import canonical_json
 
 __all__ = [
     "CONSTRAINT_OPS",
+    "MAX_USES_LIMIT",
+    "REMEMBER_CHOICES",
+    "REMEMBER_MAX_SECONDS",
+    "REMEMBER_MIN_SECONDS",
     "Constraint",
     "ConstraintOp",
     "Effect",
+    "RememberRequest",
     "StandingGrant",
     "constraints_from_json",
     "constraints_to_json",
@@ -254,3 +259,27 @@ class StandingGrant:
         rule = {"action": "allow", "approval_if": conditions} if conditions else {"action": "allow"}
         notes.append("arguments the grant does not name still match the rule")
         return {"tools": {self.tool: rule}, "notes": notes}
+
+
+# What a reviewer may choose for a standing grant's life (the inbox and Slack offer these; the API
+# and CLI accept any duration from a minute to a week).
+REMEMBER_CHOICES: tuple[tuple[str, float], ...] = (
+    ("1 hour", 3600.0),
+    ("8 hours", 28800.0),
+    ("24 hours", 86400.0),
+)
+REMEMBER_MIN_SECONDS = 60.0
+REMEMBER_MAX_SECONDS = 7 * 86400.0
+MAX_USES_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class RememberRequest:
+    """ "Approve (or deny) and remember": for how long, how many uses, and which later calls.
+
+    ``constraints`` None means the approved call's arguments exactly (after any edit).
+    """
+
+    seconds: float
+    max_uses: int | None = None
+    constraints: tuple[Constraint, ...] | None = None

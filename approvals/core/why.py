@@ -38,7 +38,7 @@ class ArgChange:
 @dataclass(frozen=True, slots=True)
 class Why:
     rule: str
-    explanation: str  # the policy's words: "rule create_refund: approval_if args.amount gt 500 (900)"
+    explanation: str  # the policy's words: "rule create_refund: approval_if args.amount gt 500 (value 900)"
     annotations: Mapping[str, bool]  # only those the tool's definition sets
     previous: Approval | None  # the last approved call of this tool by this agent, before this one
     diff: tuple[ArgChange, ...]  # from previous to this call ((): no previous, or the same arguments)
@@ -97,5 +97,6 @@ async def explain(store: ApprovalStore, approval: Approval, now: float) -> Why:
         if other.status != "pending" and when is not None and when >= now - RECENT_SECONDS:
             verdict = "approved" if other.status in APPROVED_STATES else other.status
             tally[verdict] = tally.get(verdict, 0) + 1
-    diff = diff_arguments(previous.release_arguments, approval.arguments) if previous is not None else ()
+    # The call as it would run (a reviewer's edit, when there is one) against the one that ran last.
+    diff = diff_arguments(previous.release_arguments, approval.release_arguments) if previous else ()
     return Why(approval.rule, approval.explanation, tool_annotations(approval), previous, diff, tally)

@@ -24,6 +24,7 @@ the arguments suit the tool, the service judges (api.refusal_status: 403 forbidd
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -100,7 +101,7 @@ def parse_decision(body: Mapping[str, object] | None, approve: bool) -> Decision
         if not approve and reason is None:
             return error(400, "reason: required when denying with remember (later calls are told it)")
     seen = body.get("seen_sha256")
-    if seen is not None and not (isinstance(seen, str) and len(seen) == 64):
+    if seen is not None and not (isinstance(seen, str) and re.fullmatch(r"[0-9a-f]{64}", seen)):
         return error(400, "seen_sha256: must be the 64 hex digits of the record's release_sha256")
     return DecisionBody(reason, arguments, remember, seen)
 

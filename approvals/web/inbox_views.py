@@ -186,7 +186,9 @@ def list_item(approval: Approval, now: float) -> dict[str, Any]:
         "tool": fmt.visible(approval.tool),
         "agent": fmt.visible(approval.grant),
         "owner": fmt.visible(approval.owner or ""),
-        "summary": fmt.summary(fmt.arguments(approval)),
+        # What a release would send: a reviewer's edit, marked, when there is one.
+        "summary": ("(edited) " if approval.edited_json is not None else "")
+        + fmt.summary(fmt.release_arguments(approval)),
         "created_at": approval.created_at,
         "expires_at": approval.expires_at,
         "created_iso": fmt.iso(approval.created_at),
@@ -346,7 +348,9 @@ async def _decide(
         decided, grant = await inbox.service.decide_and_remember(
             approval.id, session.reviewer, approve=approve, reason=reason, channel="web",
             arguments=arguments, remember=remember,
-            seen_sha256=(text_field(form, "seen_sha256") or None) if approve else None,
+            # The arguments the page (or the confirmed grant) showed: an edit since is refused.
+            seen_sha256=(text_field(form, "seen_sha256") or None) if approve and typed is None
+            else (typed.args_sha256 if typed is not None else None),
         )  # fmt: skip
     except DecisionRefused as exc:
         if refusal_status(exc) == 400 and isinstance(edit, str):
