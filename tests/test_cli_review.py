@@ -152,6 +152,39 @@ async def test_quorum_progress_is_printed_and_listed(tmp_path: Path) -> None:
         assert (status, out, err) == (0, f"{approval_id}: approved by carol\n", "")
 
 
+async def test_an_edited_call_is_approved_only_naming_the_arguments_checked(tmp_path: Path) -> None:
+    """Quorum 2: bob edits and approves; carol's plain `approve ID` is refused with the edited
+    arguments' hash to check (and `list` shows the edit); `--seen SHA` approves exactly those."""
+    with_carol(tmp_path, {"quorum": 2})
+    async with gateway(tmp_path) as gw:
+        (approval_id,) = await held(gw, "one")
+        edited = {**EMAIL, "subject": "edited"}
+        status, out, err = await run_cli(
+            tmp_path, "approve", approval_id, "--arguments", json.dumps(edited), env=as_bob(gw)
+        )
+        assert (status, err) == (0, ""), err
+        carol = {**as_bob(gw), "APPROVALS_TOKEN": CAROL_TOKEN}
+        status, out, err = await run_cli(tmp_path, "list", env=carol)
+        header, row = table(out)
+        assert row[header.index("ARGUMENTS")].startswith("(edited) ")
+        status, out, err = await run_cli(tmp_path, "approve", approval_id, env=carol)
+        assert status == 1
+        _, record = await gw.api("GET", f"/api/approvals/{approval_id}")
+        assert f"seen_sha256 {record['release_sha256']}" in err
+        assert await status_of(gw, approval_id) == "pending"
+        status, out, err = await run_cli(
+            tmp_path, "approve", approval_id, "--seen", record["release_sha256"], env=carol
+        )
+        assert (status, err) == (0, "")
+        assert out.splitlines() == [
+            f"{approval_id}: approved by carol",
+            '  arguments changed by bob: subject: "one" → "edited"',
+        ]
+        status, out, err = await run_cli(tmp_path, "approve", approval_id, "--seen", "nothex", env=carol)
+        assert status == 2
+        assert "--seen: must be 64 hex digits" in err
+
+
 async def test_deny_and_remember(tmp_path: Path) -> None:
     """`deny ID --reason R --remember 8h` prints the deny grant it saved."""
     with_carol(tmp_path)

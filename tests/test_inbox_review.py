@@ -606,3 +606,38 @@ def test_a_call_with_more_arguments_than_a_grant_may_hold_cannot_be_remembered()
     assert [name for name, _ in blank.fields()] == ["args_sha256", "remember_for", "max_uses", "reason"]
     typed = forms.read_form({"args_sha256": "sha", "c0_op": "any"}, "allow", args, "sha")
     assert forms.judge(typed, args) == "constraints: at most 64 constraints"
+
+
+async def test_approving_a_page_older_than_an_edit_is_refused(
+    held: Held, login: Callable[[str], Any]
+) -> None:
+    """Quorum 2: bob opens the request; dave edits it and approves (one of two, for his edit); bob's
+    approve from the page he still has open names the arguments it showed, so it is refused (409)
+    rather than counted for arguments he never saw. Reloaded, the page shows the edit, and his
+    approval completes the quorum."""
+    async with held_call(held, "delete_file", {"path": "old.txt"}) as (pending, call):
+        bob, dave = await login(BOB_TOKEN), await login(DAVE_TOKEN)
+        page = await bob.get(f"/inbox/approvals/{pending.id}")
+        shown = hidden_fields(section(page.text, "data-approve-form", ("</form>",)))
+        assert shown["seen_sha256"] == pending.release_sha256
+        edit_page = await dave.get(f"/inbox/approvals/{pending.id}?edit=1")
+        edited = await dave.post(
+            f"/inbox/approvals/{pending.id}/approve",
+            {"csrf": csrf_of(edit_page.text), "arguments": json.dumps({"path": "new.txt"})},
+        )
+        assert flash_query(edited.headers["Location"]) == {"done": "voted"}
+        stale = await bob.post(
+            f"/inbox/approvals/{pending.id}/approve", {"csrf": csrf_of(page.text), **shown}
+        )
+        assert stale.status == 409
+        assert "The arguments changed" in stale.text
+        assert "dave changed the arguments you were shown" in stale.text
+        fresh = await bob.get(f"/inbox/approvals/{pending.id}")
+        seen = hidden_fields(section(fresh.text, "data-approve-form", ("</form>",)))["seen_sha256"]
+        done = await bob.post(
+            f"/inbox/approvals/{pending.id}/approve", {"csrf": csrf_of(fresh.text), "seen_sha256": seen}
+        )
+        assert flash_query(done.headers["Location"]) == {"done": "approved"}
+        await asyncio.wait_for(call, WAIT)
+    record = await held.recorder.status("completed", pending.id)
+    assert record.release_arguments == {"path": "new.txt"}

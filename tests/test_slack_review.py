@@ -211,6 +211,35 @@ async def test_quorum_of_two_counts_the_first_click_and_releases_on_the_second(
     assert [c.params["user"] for c in fake.of("chat.postEphemeral")] == ["U0BOB", "U0BOB"]
 
 
+async def test_a_click_on_a_message_older_than_an_edit_is_refused(
+    start_gateway: StartGateway, tmp_path: Path, fake: FakeSlack
+) -> None:
+    """Quorum 2: bob (payments) edits the call in the inbox's stead (the service) and approves it;
+    carol clicks Approve on the message as first posted, whose value names the arguments it showed:
+    refused privately, nothing counted. The updated message's button names the edit and is counted."""
+    held = await start(start_gateway, tmp_path, fake, {"quorum": 2, "from": ["payments", "security"]})
+    async with held_call(held) as (call, pending):
+        await fake.wait_for("chat.postMessage", count=2)
+        first = f"{pending.id}:{pending.release_sha256}"
+        edited = {**pending.arguments, "subject": "edited by bob"}
+        await held.gateway.service.decide(
+            pending.id, reviewer(held, "bob"), approve=True, reason=None, channel="web", arguments=edited
+        )
+        carol = {"user": "U0CAROL", "channel": SECURITY}
+        assert await held.click(block_actions(blocks.ACTION_APPROVE, first, **carol)) == 200
+        [refused] = await told(fake, "U0CAROL")
+        assert refused.startswith("Not decided: bob changed the arguments you were shown")
+        record = await held.gateway.service.get(pending.id)
+        assert record is not None
+        assert record.status == "pending"
+        assert [v.by for v in held.gateway.service.review_state(record).votes] == ["bob"]
+        now = f"{pending.id}:{record.release_sha256}"
+        assert await held.click(block_actions(blocks.ACTION_APPROVE, now, **carol)) == 200
+        result = await asyncio.wait_for(call, WAIT)
+        assert not result.is_error
+    assert [m["subject"] for m in held.sent()] == ["edited by bob"]
+
+
 # ---- approve and remember -----------------------------------------------------------------------
 
 
