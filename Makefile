@@ -55,6 +55,7 @@ test: $(VENV)/.test-installed tests/node/node_modules/.installed chromium haprox
 bench: $(VENV)/.test-installed haproxy
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/remember_session.py
 
 # The fuzzer (bench/fuzz.py): 20,000 seeded malformed requests against a real gateway; any 500 fails.
 fuzz: $(VENV)/.test-installed

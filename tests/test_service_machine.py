@@ -1,6 +1,8 @@
 """The approval service as a state machine: random arrivals, decisions, cancels, tool changes, expiry
 and restarts against the real service, limiter and catalog, over each store (SQLite and the
-in-memory twin), in front of an in-memory upstream.
+in-memory twin), in front of an in-memory upstream. Calls are held under review rules drawn from
+tests.review_kit.MACHINE_REVIEWS (quorum, groups, escalation, step-up, no edits), and reviewers
+vote, edit, approve and deny with standing grants, which later calls use and reviewers revoke.
 
 Everything goes through the service's public API (``open(expire_on_clock=False)``, ``admit``,
 ``decide``, ``cancel``, ``expire_due``, ``settled``, ``follow``, ``close``) and its change feed: a
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -33,6 +36,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from approvals.config import Principal, Settings
+from approvals.core.deciding import RememberRequest
 from approvals.core.feed import LocalFeed
 from approvals.core.model import (
     FINAL,
@@ -45,7 +49,9 @@ from approvals.core.model import (
     sha256_of,
 )
 from approvals.core.ports import Change, Listener, Store
+from approvals.core.review import ReviewRule, quorum_met, valid_votes, votes_from_json
 from approvals.core.service import ApprovalService
+from approvals.core.standing import Constraint, exact_constraints
 from approvals.errors import DecisionRefused, RefusalKind
 from approvals.jsonrpc import JsonObject
 from approvals.limits import RateLimiter
@@ -54,6 +60,19 @@ from approvals.store.memory import MemoryStore
 from approvals.store.sqlite import SqliteStore
 from approvals.tool_catalog import ToolCatalog, fingerprint
 from tests.conftest import settings_for
+from tests.review_kit import (
+    CHANNELS,
+    FORBIDDEN,
+    GROUPS,
+    MACHINE_REVIEWS,
+    REVIEWERS,
+    GrantModel,
+    check_release_votes,
+    grant_stands,
+    in_groups,
+    refusal_alone,
+    through_allowed_channel,
+)
 
 T = TypeVar("T")
 StoreKind = Literal["sqlite", "memory"]
@@ -179,10 +198,18 @@ class LoggedSqliteStore(SqliteStore):
         actor: str,
         channel: str,
         event: str | None = None,
+        version: int | None = None,
         **fields: object,
     ) -> Approval | None:
         moved = await super().transition(
-            approval_id, from_=from_, to=to, actor=actor, channel=channel, event=event, **fields
+            approval_id,
+            from_=from_,
+            to=to,
+            actor=actor,
+            channel=channel,
+            event=event,
+            version=version,
+            **fields,
         )
         return _note(self.timeline, moved, approval_id, to)
 
@@ -201,10 +228,18 @@ class LoggedMemoryStore(MemoryStore):
         actor: str,
         channel: str,
         event: str | None = None,
+        version: int | None = None,
         **fields: object,
     ) -> Approval | None:
         moved = await super().transition(
-            approval_id, from_=from_, to=to, actor=actor, channel=channel, event=event, **fields
+            approval_id,
+            from_=from_,
+            to=to,
+            actor=actor,
+            channel=channel,
+            event=event,
+            version=version,
+            **fields,
         )
         return _note(self.timeline, moved, approval_id, to)
 
@@ -285,7 +320,7 @@ def call_limits(upstream: str, tool: str, arguments: Mapping[str, object]) -> Se
     return LIMITS
 
 
-def decision(timeout: float | None) -> Decision:
+def decision(timeout: float | None, review: ReviewRule = MACHINE_REVIEWS[0]) -> Decision:
     return Decision(
         action="require_approval",
         rule=TOOL,
@@ -293,12 +328,43 @@ def decision(timeout: float | None) -> Decision:
         reason=None,
         explanation="sending needs a human",
         limits=LIMITS,
-        approval_timeout=timeout,
+        review=dataclasses.replace(review, timeout=timeout),
     )
 
 
+class Policy:
+    """The policy as the machine makes it up: each call is held under the review rule last drawn
+    for its "call" (so a repeat asked under another rule is a policy that changed since the
+    request); an edit to "to" = FORBIDDEN is denied."""
+
+    def __init__(self) -> None:
+        self.review_of: dict[object, ReviewRule] = {}
+
+    def held(self, arguments: Mapping[str, object], timeout: float | None, review: ReviewRule) -> Decision:
+        asked = decision(timeout, review)
+        self.review_of[arguments.get("call")] = asked.review
+        return asked
+
+    def judged(self, arguments: Mapping[str, object]) -> ReviewRule | None:
+        """The review the policy gives these arguments now, None when it denies them."""
+        if arguments.get("to") == FORBIDDEN:
+            return None
+        return self.review_of.get(arguments.get("call"), decision(None).review)
+
+    def judge(self, upstream: str, tool: str, arguments: Mapping[str, object]) -> Decision:
+        review = self.judged(arguments)
+        if review is None:
+            return dataclasses.replace(decision(None), action="deny", code="deny_if", reason="not that one")
+        return dataclasses.replace(decision(None), review=review)
+
+
 async def open_service(
-    settings: Settings, database: Database, upstream: MemoryUpstream, clock: Callable[[], float], heard: Heard
+    settings: Settings,
+    database: Database,
+    upstream: MemoryUpstream,
+    clock: Callable[[], float],
+    heard: Heard,
+    policy: Policy | None = None,
 ) -> Running:
     """A service over the database's store, a limiter and a catalog, as the runtime builds it, with
     a listener on its feed from before it opens (so recovery's changes are heard too)."""
@@ -318,6 +384,7 @@ async def open_service(
         limits_for=call_limits,
         clock=clock,
         expire_on_clock=False,
+        judge=(policy or Policy()).judge,
     )
     return Running(service, store, feed, limiter, catalog, hearing)
 
@@ -335,13 +402,47 @@ async def _bounded(coro: Coroutine[Any, Any, T]) -> T:
         return await coro
 
 
-async def _decide(
-    service: ApprovalService, approval_id: str, reviewer: Principal, approve: bool
-) -> Approval | RefusalKind:
+def _pick(data: st.DataObject, choices: Sequence[T], label: str) -> T:
+    """One of ``choices``, drawn as a plain number taken modulo their count: which records exist or
+    are pending may depend on background work (a SQLite thread's timing), and a draw whose bounds
+    depend on it makes hypothesis report its replays as flaky data generation."""
+    return choices[_number(data, label) % len(choices)]
+
+
+def _number(data: st.DataObject, label: str) -> int:
+    return data.draw(st.integers(0, 10_000), label=label)
+
+
+async def _attempt(coro: Coroutine[Any, Any, T]) -> T | DecisionRefused:
+    """What ``coro`` returns, or the refusal it raised."""
+    try:
+        return await coro
+    except DecisionRefused as refused:
+        return refused
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One decision a rule takes: who, which way, through which channel, with an edit or not."""
+
+    reviewer: Principal
+    approve: bool
+    channel: str = "web"
+    arguments: JsonObject | None = None
+    seen_sha256: str | None = None  # the arguments' hash the reviewer was shown
+
+
+async def _decide(service: ApprovalService, approval_id: str, asked: Asked) -> Approval | RefusalKind:
     """The decided record, or the kind of the refusal."""
     try:
         return await service.decide(
-            approval_id, reviewer, approve=approve, reason=None if approve else "not now", channel="web"
+            approval_id,
+            asked.reviewer,
+            approve=asked.approve,
+            reason=None if asked.approve else "not now",
+            channel=asked.channel,
+            arguments=asked.arguments,
+            seen_sha256=asked.seen_sha256,
         )
     except DecisionRefused as refused:
         return refused.kind
@@ -365,10 +466,12 @@ class ServiceMachine(RuleBasedStateMachine):
             self._path,
             {UPSTREAM: {"command": ["x"]}},
             approvals={"timeout": "10m", "max_pending_per_grant": MAX_PENDING},
+            reviewers=REVIEWERS,
         )
         self.upstream = MemoryUpstream()
         self.database = Database(self.kind, self._path / "a.db", self.upstream.seen)
         self.heard = Heard()
+        self.policy = Policy()
         self.running = self._run(self._open())
         self.calls: list[tuple[str, JsonObject]] = []  # every (grant, arguments) asked, to repeat
         self.admitted: dict[str, JsonObject] = {}  # by the session that opened the request
@@ -379,6 +482,10 @@ class ServiceMachine(RuleBasedStateMachine):
         self.finals: dict[str, tuple[Status, int, float | None, str | None]] = {}
         self.unannounced: set[str] = set()  # final when the process stopped, not heard: may be lost
         self._counter = itertools.count()
+        self.voted: dict[str, list[tuple[str, str]]] = defaultdict(list)  # (reviewer, sha) taken, by approval
+        self.grants: dict[str, GrantModel] = {}  # standing grants saved, by id
+        self.remembered: dict[str, tuple[str, JsonObject]] = {}  # (agent, arguments) each grant was saved for
+        self._steps = itertools.count()  # orders uses and revocations of standing grants
 
     def clock(self) -> float:
         return self.now[0]
@@ -395,7 +502,9 @@ class ServiceMachine(RuleBasedStateMachine):
         return self._runner.run(_bounded(coro))
 
     async def _open(self) -> Running:
-        return await open_service(self.settings, self.database, self.upstream, self.clock, self.heard)
+        return await open_service(
+            self.settings, self.database, self.upstream, self.clock, self.heard, self.policy
+        )
 
     def teardown(self) -> None:
         try:
@@ -432,17 +541,35 @@ class ServiceMachine(RuleBasedStateMachine):
         self.calls.append((grant, arguments))
         return grant, arguments
 
-    @rule(data=st.data(), timeout=st.sampled_from([60.0, 300.0, None]))
-    def admit(self, data: st.DataObject, timeout: float | None) -> None:
+    @rule(
+        data=st.data(), timeout=st.sampled_from([60.0, 300.0, None]), review=st.sampled_from(MACHINE_REVIEWS)
+    )
+    def admit(self, data: st.DataObject, timeout: float | None, review: ReviewRule) -> None:
         grant, arguments = self._draw_call(data)
-        self._run(self._admit(grant, arguments, timeout, 1))
+        self._run(self._admit(grant, arguments, self.policy.held(arguments, timeout, review), 1))
 
-    @rule(data=st.data(), timeout=st.sampled_from([60.0, None]), copies=st.integers(2, 3))
-    def admit_together(self, data: st.DataObject, timeout: float | None, copies: int) -> None:
+    @rule(
+        data=st.data(),
+        timeout=st.sampled_from([60.0, None]),
+        copies=st.integers(2, 3),
+        review=st.sampled_from(MACHINE_REVIEWS),
+    )
+    def admit_together(
+        self, data: st.DataObject, timeout: float | None, copies: int, review: ReviewRule
+    ) -> None:
         grant, arguments = self._draw_call(data)
-        self._run(self._admit(grant, arguments, timeout, copies))
+        self._run(self._admit(grant, arguments, self.policy.held(arguments, timeout, review), copies))
 
-    async def _admit(self, grant: str, arguments: JsonObject, timeout: float | None, copies: int) -> None:
+    async def _admit(self, grant: str, arguments: JsonObject, asked: Decision, copies: int) -> None:
+        timeout = asked.approval_timeout
+        now = self.clock()
+        # What the standing grants the machine saved say of this call, before it arrives.
+        covering = [
+            m
+            for m in self.grants.values()
+            if m.covers(grant, arguments, now)
+            and grant_stands(m.grant, asked, self.settings.reviewers, OWNERS[grant])
+        ]
         sessions = [f"s{next(self._counter)}" for _ in range(copies)]
         # Results already handed to a client: flags never go back, so no admission may attach to these.
         delivered = {
@@ -452,18 +579,27 @@ class ServiceMachine(RuleBasedStateMachine):
         }
         admissions = await asyncio.gather(
             *(
-                self.service.admit(ToolCall(UPSTREAM, grant, session, TOOL, arguments), decision(timeout))
+                self.service.admit(ToolCall(UPSTREAM, grant, session, TOOL, arguments), asked)
                 for session in sessions
             )
         )
         held: set[str] = set()
         for session, admission in zip(sessions, admissions, strict=True):
+            code = self._answered(admission, grant, arguments, now)
+            if copies == 1 and covering:
+                # Alone, a call a remembered denial covers is denied, one an allowance covers is
+                # allowed (or over a rate limit) — unless it is a repeat collecting the outcome of
+                # its own request, which it attaches to (whether a finished one still answers it
+                # may change meanwhile, as a delivery mark or kept denial lands): never a new one.
+                denied = any(m.grant.effect == "deny" for m in covering)
+                expected = (
+                    ("denied_by_standing_grant",) if denied else ("allowed_by_standing_grant", "rate_limited")
+                )
+                assert code in (*expected, "held"), code
             if admission.hold is None:
-                assert admission.answer is not None
-                assert admission.answer["isError"] is True
-                code = admission.answer["_meta"]["approvals"]["code"]
-                assert code in ("rate_limited", "too_many_pending"), code
-                event(f"admit refused: {code}")
+                event(f"admit answered: {code}")
+                if admission.on_result is not None:  # the proxy forwards it; the upstream answers
+                    await admission.on_result({"jsonrpc": "2.0", "id": 1, "result": {"content": []}})
                 continue
             approval = await self.service.get(admission.hold.approval_id)
             assert approval is not None
@@ -476,6 +612,7 @@ class ServiceMachine(RuleBasedStateMachine):
                 self.grant_of[approval.id] = grant
             self.holds[approval.id].append(admission.hold)
             if approval.session_id == session:  # this call opened the request
+                assert copies > 1 or not covering, "a call an active standing grant covers opened a request"
                 event("admit: new request")
                 assert approval.id not in self.first_tool_sha
                 self.admitted[session] = arguments
@@ -488,76 +625,316 @@ class ServiceMachine(RuleBasedStateMachine):
         # Identical calls arriving together find one another: one request at most.
         assert len(held) <= 1, held
 
+    def _answered(self, admission: Any, grant: str, arguments: JsonObject, now: float) -> str:
+        """What an admission did ("held", or its code), each use of a standing grant checked against
+        the machine's model of it."""
+        if admission.hold is not None:
+            return "held"
+        if admission.answer is None:  # forwarded: only a standing grant lets a held call's rule through
+            meta = admission.meta["approvals"]
+            assert meta["code"] == "allowed_by_standing_grant", meta
+        else:
+            assert admission.answer["isError"] is True
+            meta = admission.answer["_meta"]["approvals"]
+            assert meta["code"] in ("rate_limited", "too_many_pending", "denied_by_standing_grant"), meta
+        if meta["code"].endswith("_by_standing_grant"):
+            model = self.grants.get(meta["standing_grant"])
+            assert model is not None, "a call answered by a standing grant nobody saved"
+            assert model.grant.effect == ("allow" if meta["code"].startswith("allowed") else "deny")
+            number = meta.get("uses", len(model.uses) + 1)  # a denial's answer does not number its use
+            model.check_use(number, grant, arguments, now, next(self._steps))
+        return meta["code"]  # type: ignore[no-any-return]
+
     # ---- decisions -----------------------------------------------------------------------------
 
     def _draw_id(self, data: st.DataObject) -> str:
-        return data.draw(st.sampled_from([*self.ids, UNKNOWN_ID]), label="approval")
+        return _pick(data, [*self.ids, UNKNOWN_ID], "approval")
 
-    @rule(data=st.data(), approve=st.booleans())
-    def decide(self, data: st.DataObject, approve: bool) -> None:
+    def _draw_reviewer(self, data: st.DataObject) -> Principal:
+        return data.draw(st.sampled_from(self.settings.reviewers), label="reviewer")
+
+    @rule(
+        data=st.data(),
+        approve=st.booleans(),
+        channel=st.sampled_from(CHANNELS),
+        seen=st.sampled_from(["nothing", "current", "as asked"]),
+    )
+    def decide(self, data: st.DataObject, approve: bool, channel: str, seen: str) -> None:
         approval_id = self._draw_id(data)
-        reviewer = data.draw(st.sampled_from(self.settings.reviewers), label="reviewer")
-        self._run(self._decide(approval_id, [(reviewer, approve)]))
+        record = self._run(self.service.get(approval_id))
+        shown = None
+        if record is not None and seen != "nothing":
+            shown = record.release_sha256 if seen == "current" else record.args_sha256
+        asked = Asked(self._draw_reviewer(data), approve, channel, seen_sha256=shown)
+        self._run(self._decide(approval_id, [asked]))
+
+    def _draw_able(self, data: st.DataObject, remembering: bool = False) -> tuple[Approval, Principal, str]:
+        """A request (a pending one when there is one), a reviewer who may approve it, and a channel
+        its rule accepts: most decisions drawn at random are refused.
+
+        Which are pending, and who may approve, depend on releases running in the background (see
+        `_pick`)."""
+        listed = self._run(self.service.list_approvals(status="pending", limit=10_000))
+        pending = {
+            a.id for a in listed if not remembering or ReviewRule.from_json(a.review_json).may_remember
+        }
+        approval_id = _pick(data, [i for i in self.ids if i in pending] or self.ids, "approval")
+        record = self._run(self.service.get(approval_id))
+        assert record is not None
+        rule = ReviewRule.from_json(record.review_json)
+        voted = {v.by for v in valid_votes(votes_from_json(record.votes_json), record.release_sha256)}
+        able = [
+            r
+            for r in self.settings.reviewers
+            if r.name != record.owner and r.name not in voted and in_groups(rule, record.escalated, r.groups)
+        ]
+        reviewer = _pick(data, able or list(self.settings.reviewers), "approver")
+        return record, reviewer, next(c for c in CHANNELS if through_allowed_channel(rule, c))
 
     @precondition(lambda self: bool(self.ids))
     @rule(data=st.data())
     def approve(self, data: st.DataObject) -> None:
-        # Most decisions in `decide` are refused; this one is a reviewer who may approve.
-        approval_id = data.draw(st.sampled_from(self.ids), label="approval")
-        owner = OWNERS[self.grant_of[approval_id]]
-        reviewer = next(r for r in self.settings.reviewers if r.name != owner)
-        self._run(self._decide(approval_id, [(reviewer, True)]))
+        record, reviewer, channel = self._draw_able(data)
+        self._run(
+            self._decide(record.id, [Asked(reviewer, True, channel, seen_sha256=record.release_sha256)])
+        )
 
     @precondition(lambda self: bool(self.ids))
     @rule(data=st.data(), first=st.booleans(), second=st.booleans())
     def decide_together(self, data: st.DataObject, first: bool, second: bool) -> None:
-        approval_id = data.draw(st.sampled_from(self.ids), label="approval")
+        approval_id = _pick(data, self.ids, "approval")
         reviewers = data.draw(st.lists(st.sampled_from(self.settings.reviewers), min_size=2, max_size=2))
-        self._run(self._decide(approval_id, [(reviewers[0], first), (reviewers[1], second)]))
+        self._run(self._decide(approval_id, [Asked(reviewers[0], first), Asked(reviewers[1], second)]))
 
-    async def _decide(self, approval_id: str, decisions: list[tuple[Principal, bool]]) -> None:
+    @precondition(lambda self: bool(self.ids))
+    @rule(
+        data=st.data(),
+        change=st.sampled_from(["to", "to", "forbidden", "drop to", "fail"]),
+        together=st.booleans(),
+    )
+    def edit(self, data: st.DataObject, change: str, together: bool) -> None:
+        """A reviewer approves the call with changed arguments (alone, or as another approves it)."""
+        record, reviewer, channel = self._draw_able(data)
+        edited: JsonObject = dict(record.release_arguments)
+        if change == "to":
+            edited["to"] = data.draw(JSON_VALUES, label="new to")
+        elif change == "forbidden":
+            edited["to"] = FORBIDDEN
+        elif change == "drop to":
+            edited.pop("to", None)
+        elif edited.pop("fail", None) is None:
+            edited["fail"] = True
+        asked = [Asked(reviewer, True, channel, edited, seen_sha256=record.release_sha256)]
+        if together:
+            asked.append(Asked(self._draw_reviewer(data), True, channel))
+        self._run(self._decide(record.id, asked))
+
+    async def _decide(self, approval_id: str, decisions: list[Asked]) -> None:
         before = await self.service.get(approval_id)
         now = self.clock()
-        outcomes = await asyncio.gather(
-            *(_decide(self.service, approval_id, reviewer, approve) for reviewer, approve in decisions)
-        )
+        outcomes = await asyncio.gather(*(_decide(self.service, approval_id, asked) for asked in decisions))
         after = await self.service.get(approval_id)
         if before is None:
             assert outcomes == ["unknown"] * len(decisions)
             return
         assert after is not None
-        eligible = [d for d in decisions if d[0].name != before.owner]
-        for (reviewer, approve), outcome in zip(decisions, outcomes, strict=True):
+        rule = ReviewRule.from_json(before.review_json)
+        lapsed = before.status == "pending" and now >= before.expires_at
+        # Only a release in flight moves a record that is not pending, and it may send an approved
+        # one back to pending meanwhile; a final or released one is never decided again.
+        decided = before.status in FINAL or before.status == "released"
+        timed_out = "expired" if rule.on_timeout == "expire" else "already_decided"
+        for asked, outcome in zip(decisions, outcomes, strict=True):
+            reviewer = asked.reviewer
             if reviewer.name == before.owner:
                 assert outcome == "own_agent", "a reviewer approved their own agent's call"
                 continue
-            if isinstance(outcome, Approval):
-                assert outcome.status == ("approved" if approve else "denied")
-                assert outcome.decided_by == reviewer.name
-                assert outcome.decided_at == now < outcome.expires_at
-                event(f"decide: {outcome.status}")
-            else:
-                assert outcome in ("already_decided", "expired"), outcome
-                if outcome == "expired":
-                    assert after.status == "expired"
-                event(f"decide: {outcome} on {before.status}")
-            lapsed = before.status == "pending" and now >= before.expires_at
-            # Only a release in flight moves a record that is not pending, and it may send an
-            # approved one back to pending meanwhile; a final or released one is never decided again.
-            decided = before.status in FINAL or before.status == "released"
             if lapsed:
-                assert outcome == "expired"
+                assert outcome == timed_out, (outcome, rule.on_timeout)
             if decided:
                 assert not isinstance(outcome, Approval)
-        wins = [outcome for outcome in outcomes if isinstance(outcome, Approval)]
-        assert len(wins) <= 1, "two decisions won"
-        if eligible and before.status == "pending":
-            if now >= before.expires_at:
-                assert after.status == "expired"
+            if len(decisions) == 1 and before.status == "pending" and not lapsed:
+                expected = refusal_alone(
+                    before,
+                    reviewer,
+                    approve=asked.approve,
+                    channel=asked.channel,
+                    arguments=asked.arguments,
+                    seen_sha256=asked.seen_sha256,
+                    judged=None if asked.arguments is None else self.policy.judged(asked.arguments),
+                )
+                got = "" if isinstance(outcome, Approval) else outcome
+                assert got in expected, (got, expected, rule)
+            if isinstance(outcome, Approval):
+                self._check_taken(before, asked, outcome, now)
+                event(f"decide: {outcome.status}{' (edited)' if asked.arguments is not None else ''}")
             else:
-                assert len(wins) == 1, "no decision won on a pending request"
-        if wins and wins[0].status == "denied":
+                assert outcome in (
+                    "already_decided", "expired", "not_eligible", "step_up", "already_voted", "edit_refused",
+                    "changed",
+                ), outcome  # fmt: skip
+                if outcome == "expired":
+                    assert after.status == "expired"
+                if outcome == "step_up":
+                    assert not through_allowed_channel(rule, asked.channel)
+                if outcome == "edit_refused":
+                    assert asked.arguments is not None
+                if outcome == "already_voted":
+                    assert asked.approve
+                if outcome == "changed":  # approving other arguments than shown, or an edit unseen
+                    assert asked.approve
+                event(f"decide: {outcome} on {before.status}")
+        final = [o for o in outcomes if isinstance(o, Approval) and o.status in ("approved", "denied")]
+        assert len(final) <= 1, "two decisions ended one request"
+        if lapsed and any(asked.reviewer.name != before.owner for asked in decisions):
+            assert after.status == ("expired" if rule.on_timeout == "expire" else "denied")
+        # Any single denial by a reviewer who may decide ends a pending request at once: it won,
+        # or another decision taken with it had already ended the request.
+        for asked, outcome in zip(decisions, outcomes, strict=True):
+            may = (
+                asked.reviewer.name != before.owner
+                and through_allowed_channel(rule, asked.channel)
+                and in_groups(rule, before.escalated, asked.reviewer.groups)
+                and asked.seen_sha256 in (None, before.release_sha256)  # a stale look is refused
+            )
+            if not asked.approve and may and before.status == "pending" and not lapsed:
+                assert isinstance(outcome, Approval) or final, "a denial by an eligible reviewer was lost"
+        if final and final[0].status == "denied":
             assert after.status == "denied"
+
+    def _check_taken(self, before: Approval, asked: Asked, taken: Approval, now: float) -> None:
+        """A decision the service took: by someone who may, recorded as taken."""
+        rule = ReviewRule.from_json(before.review_json)
+        assert through_allowed_channel(rule, asked.channel), "a decision through a channel the rule refuses"
+        assert in_groups(rule, before.escalated, asked.reviewer.groups), (
+            "a decision by an ineligible reviewer"
+        )
+        assert now < taken.expires_at
+        if not asked.approve:
+            assert (taken.status, taken.decided_by, taken.decided_at) == ("denied", asked.reviewer.name, now)
+            return
+        if asked.arguments is not None:
+            assert taken.release_sha256 == sha256_of(asked.arguments), "an edit approved other arguments"
+        votes = votes_from_json(taken.votes_json)
+        assert votes, "an approval without its vote"
+        mine = votes[-1]  # the record its own move made: its vote is the last
+        assert (mine.by, mine.args_sha256, mine.at) == (asked.reviewer.name, taken.release_sha256, now)
+        self.voted[before.id].append((mine.by, mine.args_sha256))
+        counted = valid_votes(votes, taken.release_sha256)
+        if taken.status == "approved":
+            assert (taken.decided_by, taken.decided_at) == (asked.reviewer.name, now)
+            assert quorum_met(rule, counted)
+        else:
+            assert taken.status == "pending"
+            assert not quorum_met(rule, counted), "the quorum was met but the call not approved"
+
+    # ---- standing grants -----------------------------------------------------------------------
+
+    @precondition(lambda self: bool(self.ids))
+    @rule(
+        data=st.data(),
+        approve=st.sampled_from([True, True, False]),
+        seconds=st.sampled_from([60.0, 600.0, 3600.0]),
+        max_uses=st.sampled_from([1, 2, None]),
+        widen=st.booleans(),
+    )
+    def remember(
+        self, data: st.DataObject, approve: bool, seconds: float, max_uses: int | None, widen: bool
+    ) -> None:
+        """Approve (or deny) and remember: exactly this call, or any call to the same "to"."""
+        record, reviewer, channel = self._draw_able(data, remembering=True)
+        remember = RememberRequest(seconds, max_uses)
+        self._run(self._remember(record.id, Asked(reviewer, approve, channel), remember, widen))
+
+    async def _remember(self, approval_id: str, asked: Asked, remember: RememberRequest, widen: bool) -> None:
+        reviewer, approve = asked.reviewer, asked.approve
+        before = await self.service.get(approval_id)
+        assert before is not None
+        arguments = before.release_arguments
+        constraints = exact_constraints(arguments)
+        if widen:
+            constraints = tuple(c if c.field == "to" else Constraint(c.field, "any") for c in constraints)
+        remember = dataclasses.replace(remember, constraints=constraints)
+        now = self.clock()
+        rule = ReviewRule.from_json(before.review_json)
+        outcome = await _attempt(
+            self.service.decide_and_remember(
+                approval_id, reviewer, approve=approve, reason=None if approve else "never",
+                channel=asked.channel, remember=remember, seen_sha256=before.release_sha256,
+            )
+        )  # fmt: skip
+        if isinstance(outcome, DecisionRefused):
+            assert outcome.kind != "remember_refused" or not rule.may_remember, str(outcome)
+            event(f"remember refused: {outcome.kind}")
+            return
+        taken, saved = outcome
+        assert rule.may_remember, "a standing grant saved under a rule that forbids it"
+        assert saved is not None
+        self._check_taken(before, asked, taken, now)
+        assert (saved.effect, saved.grant, saved.upstream, saved.tool) == (
+            "allow" if approve else "deny", before.grant, UPSTREAM, TOOL,
+        )  # fmt: skip
+        assert (saved.expires_at, saved.max_uses, saved.uses) == (
+            now + remember.seconds,
+            remember.max_uses,
+            0,
+        )
+        assert (saved.source_approval, saved.created_by) == (approval_id, reviewer.name)
+        assert saved.matches(arguments)
+        assert saved.id not in self.grants
+        self.grants[saved.id] = GrantModel(saved)
+        self.remembered[saved.id] = (before.grant, arguments)
+        event(f"remember: {saved.effect}{' widened' if widen else ''}")
+
+    # No precondition on the grants saved, and as many draws whatever they are: whether a grant was
+    # saved can depend on background work, and hypothesis must replay the same draws (see `_pick`).
+    @rule(
+        data=st.data(),
+        other_agent=st.sampled_from([False, False, False, True]),
+        copies=st.sampled_from([1, 1, 2, 3]),
+        review=st.sampled_from(MACHINE_REVIEWS),
+        fresh=st.sampled_from([True, True, False]),
+    )
+    def call_as_remembered(
+        self, data: st.DataObject, other_agent: bool, copies: int, review: ReviewRule, fresh: bool
+    ) -> None:
+        """The call a grant was saved for, again, or a new one like it (another "call", which only
+        a widened grant matches), by its agent or by the other one, once or several times at once."""
+        number = _number(data, "standing grant")
+        if not self.grants:
+            return
+        grant_id = list(self.grants)[number % len(self.grants)]
+        agent, arguments = self.remembered[grant_id]
+        if fresh:
+            arguments = {**arguments, "call": f"c{next(self._counter)}"}
+        model = self.grants[grant_id]
+        state = "active" if model.active(self.clock()) else "inactive"
+        event(f"call as remembered: {model.grant.effect}, {state}")
+        if other_agent:
+            agent = next(a for a in sorted(OWNERS) if a != agent)
+        self._run(self._admit(agent, arguments, self.policy.held(arguments, None, review), copies))
+
+    @rule(data=st.data())
+    def revoke(self, data: st.DataObject) -> None:
+        number, reviewer = _number(data, "standing grant"), self._draw_reviewer(data)
+        if self.grants:
+            self._run(self._revoke(list(self.grants)[number % len(self.grants)], reviewer))
+
+    async def _revoke(self, grant_id: str, reviewer: Principal) -> None:
+        model = self.grants[grant_id]
+        revoked = await _attempt(self.service.revoke_standing(grant_id, reviewer, "api"))
+        if isinstance(revoked, DecisionRefused):
+            assert revoked.kind == "already_decided"
+            assert model.revoked_step is not None, "a standing grant not revoked refused revocation"
+            return
+        assert model.revoked_step is None, "a standing grant revoked twice"
+        assert (revoked.revoked_by, revoked.revoked_at, revoked.uses) == (
+            reviewer.name,
+            self.clock(),
+            len(model.uses),
+        )
+        model.revoked_step = next(self._steps)
+        event("revoke")
 
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
@@ -664,7 +1041,7 @@ class ServiceMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(self.holds.values()))
     @rule(data=st.data())
     def deliver(self, data: st.DataObject) -> None:
-        held = data.draw(st.sampled_from([i for i, holds in self.holds.items() if holds]))
+        held = _pick(data, [i for i, holds in self.holds.items() if holds], "held call")
         self._run(self._deliver(held))
 
     async def _deliver(self, approval_id: str) -> None:
@@ -757,6 +1134,12 @@ class ServiceMachine(RuleBasedStateMachine):
         for (counter, _, _), value in self.running.limiter.snapshot().items():
             assert value <= LIMIT_MAX[counter]
         self._check_announcements()
+        # Standing grants: each used as the machine saw, never past max_uses, expiry or revocation.
+        stored = {g.id: g for g in await self.service.list_standing(limit=10_000)}
+        assert set(stored) == set(self.grants)
+        for grant_id, model in self.grants.items():
+            used = [e for e in events[grant_id] if e.event == "used"]
+            model.check_stored(stored[grant_id], len(used))
 
     def _check_final(self, approval: Approval) -> None:
         if approval.status in FINAL:
@@ -793,6 +1176,14 @@ class ServiceMachine(RuleBasedStateMachine):
         if self.first_tool_sha[approval.id] != approval.tool_sha256:
             assert changed, "the definition changed but the approval was not sent back"
         event(f"{approval.status} after {len(changed)} tool change(s)")
+        # The approvals behind it (only those since the last tool change are kept): the rule's
+        # quorum, by eligible non-owners, in time, for the arguments released, each one a decision
+        # the machine saw taken.
+        check_release_votes(approval, events, GROUPS)
+        taken = set(self.voted[approval.id])
+        assert {(v.by, v.args_sha256) for v in votes_from_json(approval.votes_json)} <= taken
+        if approval.edited_json is not None:
+            event("released edited")
         if approval.reason == "interrupted":
             event(f"interrupted by a restart after {len(calls)} call(s)")
         if not calls:
@@ -800,10 +1191,11 @@ class ServiceMachine(RuleBasedStateMachine):
         called = seen[calls[0]]
         assert isinstance(called, Called)
         stored = json.loads(approval.arguments_json)
+        sent_as = approval.release_arguments  # a reviewer's edit, else the call as asked
         assert called.tool == approval.tool
-        assert canonical_json(called.arguments) == canonical_json(stored)
-        assert called.arguments == stored
-        assert sha256_of(called.arguments) == approval.args_sha256
+        assert canonical_json(called.arguments) == canonical_json(sent_as)
+        assert called.arguments == sent_as
+        assert sha256_of(called.arguments) == approval.release_sha256
         assert canonical_json(self.admitted[approval.session_id]) == canonical_json(stored)
         # The definition the reviewer approved is one the upstream listed after the decision.
         decided = max(

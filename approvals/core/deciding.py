@@ -175,7 +175,7 @@ class Deciding:
     ) -> tuple[Approval, StandingGrant | None]:
         for _ in range(MAX_STEP_RETRIES):
             approval = await self._pending(approval_id, reviewer)
-            check_seen(approval, reviewer, seen_sha256, approve and arguments is None)
+            check_seen(approval, reviewer, seen_sha256, approve=approve, editing=arguments is not None)
             rule = review_of(approval)
             # Who and through which channel first: a reviewer who may not decide learns that, not
             # what is wrong with an edit they may not make.
@@ -285,9 +285,10 @@ class Deciding:
         fields: dict[str, Any] = {"votes_json": votes_to_json(kept)}
         if edit is not None:
             fields.update(edited_json=edit[0], edited_sha256=edit[1], edited_by=reviewer.name)
-        if reason:
-            fields["reason"] = reason
         complete = quorum_met(rule, (*votes, vote))
+        # The record's reason is its latest step's (the store writes it to that step's audit event
+        # too): set even when None, so an earlier voter's reason never reads as this approval's.
+        fields["reason"] = reason or None
         if complete:
             fields.update(decided_at=now, decided_by=reviewer.name, decided_via=channel)
             fields.update(self._approved_lease(now))
@@ -316,9 +317,9 @@ class Deciding:
             "decided_at": self.clock(),
             "decided_by": reviewer.name,
             "decided_via": channel,
+            # Set even when None: an earlier voter's reason must not read as this denial's.
+            "reason": reason or None,
         }
-        if reason:
-            fields["reason"] = reason
         moved = await self._move(
             approval.id, _PENDING, "denied", actor=reviewer.name, channel=channel, **fields
         )

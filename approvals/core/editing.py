@@ -43,12 +43,6 @@ def check_edit(
     """The edited arguments (JSON text, sha256), None when nothing changes; refusals raised."""
     if arguments is None:
         return None
-    if not approve:
-        raise DecisionRefused("edit_refused", "only an approval can change the arguments", approval)
-    if not rule.edit:
-        raise DecisionRefused(
-            "edit_refused", "this call's rule does not allow changing its arguments (edit: false)", approval
-        )
     if not isinstance(arguments, Mapping):
         raise DecisionRefused("edit_refused", "arguments: must be a JSON object", approval)
     text = json.dumps(dict(arguments))  # ASCII, as arguments_json
@@ -56,7 +50,13 @@ def check_edit(
         raise DecisionRefused("edit_refused", f"arguments: larger than {MAX_EDIT_BYTES} bytes", approval)
     sha = sha256_of(arguments)
     if sha == approval.release_sha256:
-        return None  # the same call: an approval, not an edit
+        return None  # the same call: an approval (or denial) of it as it stands, not an edit
+    if not approve:
+        raise DecisionRefused("edit_refused", "only an approval can change the arguments", approval)
+    if not rule.edit:
+        raise DecisionRefused(
+            "edit_refused", "this call's rule does not allow changing its arguments (edit: false)", approval
+        )
     definition = approval.tool_definition or {}
     problem = _schemas.compile(definition.get("inputSchema")).problem(arguments)
     if problem is not None:
@@ -95,26 +95,24 @@ def edit_detail(before: Approval, after: Approval) -> str:
 
 
 def check_seen(
-    approval: Approval, reviewer: Principal, seen_sha256: str | None, plain_approval: bool
+    approval: Approval, reviewer: Principal, seen_sha256: str | None, *, approve: bool, editing: bool
 ) -> None:
-    """Refuse ("changed") a decision on arguments the reviewer was not shown.
+    """Refuse ("changed") an approval of arguments the reviewer was not shown (a denial is always
+    safe, whatever its page showed).
 
     ``seen_sha256`` is the hash of the arguments their page or message showed; without one, an
     approval of a call someone else edited is refused too — it must name what it approves (the
     page, the Slack message or the API record looked at), never a stale list row.
     """
+    if not approve:
+        return
     editor = approval.edited_by
     if seen_sha256 is not None and seen_sha256 != approval.release_sha256:
         who = f"{render.visible(editor)} changed" if editor else "these are not"
         raise DecisionRefused(
             "changed", f"{who} the arguments you were shown: look at the call again before deciding", approval
         )
-    if (
-        seen_sha256 is None
-        and plain_approval
-        and approval.edited_json is not None
-        and editor != reviewer.name
-    ):
+    if seen_sha256 is None and not editing and approval.edited_json is not None and editor != reviewer.name:
         raise DecisionRefused(
             "changed",
             f"{render.visible(editor or 'a reviewer')} edited the arguments; approve them only after "
