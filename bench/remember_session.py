@@ -22,6 +22,7 @@ import json
 import secrets
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ class Report:
     sent: int = 0  # emails the demo upstream really queued (its outbox)
     grant_id: str = ""
     audit: list[dict[str, Any]] = field(default_factory=list)
+    # What the agent waited for each call the grant let through (its whole round trip, the demo
+    # upstream included): no reviewer in the loop.
+    granted_seconds: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -136,7 +140,9 @@ async def run_session(workdir: Path, calls: int = 50, echo: Callable[[str], None
                 if result.is_error:
                     raise RuntimeError(f"the approved call failed: {result.content}")
                 for n in range(1, calls):
+                    started = time.perf_counter()
                     result = await client.call_tool(TOOL, email(n))
+                    report.granted_seconds.append(time.perf_counter() - started)
                     meta = result.model_dump(by_alias=True).get("_meta") or {}
                     if (
                         not result.is_error
@@ -177,8 +183,15 @@ def summary(report: Report) -> list[str]:
         f"prompts to reviewers (requests made):  {report.prompts}",
         f"calls allowed by the standing grant:   {report.allowed_by_grant}",
         f"emails the upstream sent:              {report.sent}",
-        "audit log (GET /api/audit):",
     ]
+    if report.granted_seconds:
+        waits = sorted(report.granted_seconds)
+        p50, p95 = waits[len(waits) // 2], waits[min(len(waits) - 1, int(len(waits) * 0.95))]
+        lines.append(
+            f"what the agent waited per call the grant allowed: p50 {p50 * 1000:.1f} ms,"
+            f" p95 {p95 * 1000:.1f} ms (no reviewer; the demo upstream over stdio included)"
+        )
+    lines.append("audit log (GET /api/audit):")
     used = 0
     for event in report.audit:
         if event["event"] == "used":

@@ -74,98 +74,7 @@
     if (el) el.hidden = !value;
   }
 
-  // ---- the pending list -----------------------------------------------------------------------
-
-  function pendingPage() {
-    var list = document.querySelector("[data-items]");
-    var template = document.getElementById("item-template");
-    var empty = document.querySelector("[data-empty]");
-    var countText = document.querySelector("[data-count-text]");
-    var log = document.querySelector("[data-live-log]");
-    var count = parseInt(body.getAttribute("data-count") || "0", 10);
-    if (!list || !template) return;
-
-    function rows() { return Array.prototype.slice.call(list.querySelectorAll(".item")); }
-
-    function find(id) {
-      return rows().filter(function (row) { return row.getAttribute("data-id") === id; })[0] || null;
-    }
-
-    function render() {
-      var text = count > 500 ? "500+" : String(count);
-      document.title = "(" + text + ") approvals";
-      if (countText) countText.textContent = text;
-      if (empty) empty.hidden = rows().length > 0;
-    }
-
-    function build(item) {
-      var row = template.content.firstElementChild.cloneNode(true);
-      fill(row, item);
-      return row;
-    }
-
-    function fill(row, item) {
-      row.setAttribute("data-id", item.id);
-      row.setAttribute("data-version", String(item.version));
-      row.setAttribute("data-created", String(item.created_at));
-      row.querySelector('[data-field="link"]').setAttribute("href", "/inbox/approvals/" + encodeURIComponent(item.id));
-      ["tool", "upstream", "summary", "agent"].forEach(function (f) { setText(row, f, item[f]); });
-      setText(row, "owner", item.owner || "—");
-      var ageEl = setText(row, "age", item.age);
-      ageEl.setAttribute("data-since", String(item.created_at));
-      ageEl.setAttribute("title", item.created_iso);
-      var leftEl = setText(row, "left", item.left);
-      leftEl.setAttribute("data-until", String(item.expires_at));
-      leftEl.setAttribute("title", "expires " + item.expires_iso);
-    }
-
-    function upsert(item, quiet) {
-      var row = find(item.id);
-      if (row) {
-        if (parseInt(row.getAttribute("data-version"), 10) > item.version) return;
-        fill(row, item);
-        return;
-      }
-      row = build(item);
-      var before = rows().filter(function (r) {
-        return parseFloat(r.getAttribute("data-created")) < item.created_at;
-      })[0] || null;
-      list.insertBefore(row, before);
-      count += 1;
-      if (!quiet) {
-        row.classList.add("fresh");
-        if (log) log.textContent = "New request: " + item.tool + " from " + item.agent;
-      }
-    }
-
-    function remove(item) {
-      var row = find(item.id);
-      if (!row) return;
-      if (parseInt(row.getAttribute("data-version"), 10) > item.version) return;
-      row.remove();
-      count = Math.max(count - 1, 0);
-      if (log) {
-        log.textContent = item.tool + " from " + item.agent + " is " + item.status +
-          (item.decided_by ? " (" + item.decided_by + ")" : "");
-      }
-    }
-
-    connect(function (kind, data) {
-      if (kind === "snapshot") {
-        var keep = {};
-        data.items.forEach(function (item) { keep[item.id] = true; upsert(item, true); });
-        rows().forEach(function (row) { if (!keep[row.getAttribute("data-id")]) row.remove(); });
-        count = data.count;
-      } else if (data.status === "pending") {
-        upsert(data, false);
-      } else {
-        remove(data);
-      }
-      render();
-    });
-  }
-
-  // ---- the detail page ------------------------------------------------------------------------
+  // ---- the detail page (the pending list is pending.js's) ------------------------------------- ------------------------------------------------------------------------
 
   function detailPage() {
     var approveForm = document.querySelector("[data-approve-form]");
@@ -275,6 +184,5 @@
 
   tick();
   window.setInterval(tick, 15000);
-  if (page === "pending") pendingPage();
   if (page === "detail") detailPage();
 })();
