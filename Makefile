@@ -46,7 +46,7 @@ haproxy:
 	command -v haproxy || test -x /usr/sbin/haproxy || ($(SUDO) apt-get update && $(SUDO) apt-get install -y haproxy)
 
 test: $(VENV)/.test-installed tests/node/node_modules/.installed chromium haproxy lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # The benchmark (bench/run.py): the gateway beside itself with metrics on (--no-metrics-row skips
 # it), a direct connection, FastMCP's proxy and mcp-proxy.
