@@ -169,6 +169,26 @@ async def test_a_malformed_remember_is_400_naming_where(start_gateway: StartGate
     assert record["status"] == "pending"
 
 
+async def test_a_malformed_or_stale_seen_sha256_decides_nothing(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """`seen_sha256` that is not 64 lowercase hex digits is a 400 naming it; one of other arguments
+    is 409 `changed`; the record's own `release_sha256` approves."""
+    held = await review(start_gateway, tmp_path)
+    (approval_id,) = await held_ids(held, "s")
+    path = f"/api/approvals/{approval_id}/approve"
+    for garbage in (123, "", "zz", "A" * 64, "0" * 63, ["0" * 64], {"x": 1}, True):
+        status, body = await post(held, path, {"seen_sha256": garbage})
+        assert status == 400, (garbage, body)
+        assert body["error"].startswith("seen_sha256: "), body
+    status, body = await post(held, path, {"seen_sha256": "0" * 64})
+    assert (status, body["kind"]) == (409, "changed")
+    _, record = await held.api("GET", f"/api/approvals/{approval_id}")
+    assert record["status"] == "pending"
+    status, body = await post(held, path, {"seen_sha256": record["release_sha256"]})
+    assert (status, body["status"]) == (200, "approved")
+
+
 async def test_remember_where_the_rule_forbids_it_is_403(start_gateway: StartGateway, tmp_path: Path) -> None:
     """`remember: false`, or a quorum (one reviewer must not stand in for several later): 403."""
     held = await review(start_gateway, tmp_path, {"remember": False})

@@ -111,8 +111,7 @@ def _with_call(outcome: Outcome, approval: Approval) -> Outcome:
         outcome.text,
         tool=render.visible(approval.tool),
         agent=render.visible(approval.grant),
-        summary=("(edited) " if approval.edited_json is not None else "")
-        + fmt.summary(fmt.release_arguments(approval)),
+        summary=fmt.release_summary(approval),
     )
 
 

@@ -62,6 +62,13 @@ def release_arguments(approval: Approval) -> Any:
         return approval.edited_json
 
 
+def release_summary(approval: Approval) -> str:
+    """One line of what a release would send, marked "(edited) " when a reviewer changed it: the
+    list's rows and the batch's result lines, whose readers must not take an edit for the call."""
+    marked = "(edited) " if approval.edited_json is not None else ""
+    return marked + summary(release_arguments(approval))
+
+
 def pretty_json(value: Any) -> str:
     """Indented JSON text, hidden characters escaped (`\\u202e`), so nothing is drawn invisibly."""
     return "".join(json_chunks(value, indent=2)).translate(_ESCAPES)

@@ -186,9 +186,7 @@ def list_item(approval: Approval, now: float) -> dict[str, Any]:
         "tool": fmt.visible(approval.tool),
         "agent": fmt.visible(approval.grant),
         "owner": fmt.visible(approval.owner or ""),
-        # What a release would send: a reviewer's edit, marked, when there is one.
-        "summary": ("(edited) " if approval.edited_json is not None else "")
-        + fmt.summary(fmt.release_arguments(approval)),
+        "summary": fmt.release_summary(approval),
         "created_at": approval.created_at,
         "expires_at": approval.expires_at,
         "created_iso": fmt.iso(approval.created_at),
